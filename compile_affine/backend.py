@@ -1,0 +1,75 @@
+"""The ``torch.compile`` backend: stock Inductor with the affine-folding pass installed."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+from . import report
+from .passes.fold import AffineFoldError, AffineFoldPass
+from .settings import Settings, split_options
+
+log = logging.getLogger("compile_affine")
+_warned: set[str] = set()
+
+
+def backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Callable:
+    """``torch.compile(model, backend="compile_affine", mode=..., options=...)``.
+
+    ``options["compile_affine"]`` holds our settings; all other options and ``mode``
+    configure Inductor exactly as they would for ``backend="inductor"``.
+    """
+    settings, inductor_options = split_options(options)
+    # Validates Inductor options and expands ``mode`` the same way backend="inductor" does.
+    inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)
+    if not settings.enabled:
+        return inductor(gm, example_inputs)
+    patches = {"joint_custom_pre_pass": _chain(inductor.config, AffineFoldPass(settings))}
+    try:
+        return inductor(gm, example_inputs, config_patches=patches)
+    except Exception as e:
+        error = _fold_error(e)
+        if error is None or settings.strict:
+            raise
+        _warn_once(error)
+        report.record(report.GraphRecord(graph_name="fallback", training=False, fell_back=str(error)))
+        return inductor(gm, example_inputs)
+
+
+def _chain(inductor_options: dict[str, Any], ours: AffineFoldPass) -> list:
+    """Keep any joint pre-pass the user already set (globally or in options); ours runs last."""
+    existing = inductor_options.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass)
+    return [*get_custom_graph_passes(existing), ours]
+
+
+def _fold_error(e: BaseException) -> AffineFoldError | None:
+    """Our pass's error, however deep Inductor wrapped it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, AffineFoldError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _warn_once(error: AffineFoldError) -> None:
+    message = f"{error}; compiling this graph with stock Inductor (set options={{'compile_affine': {{'strict': True}}}} to raise)"
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    log.warning("%s", message)
+
+
+__all__ = ["backend", "Settings"]

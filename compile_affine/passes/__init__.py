@@ -1,0 +1,1 @@
+"""The graph pass: recognise sites, decide, rewrite. ``fold.AffineFoldPass`` drives it."""

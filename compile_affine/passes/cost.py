@@ -1,0 +1,62 @@
+"""Does folding a legal site pay? Decided from static shapes only.
+
+Folding trades activation-sized work for weight-sized work:
+
+* it removes, per training step, the save of the conv output ``y`` (kept alive until
+  backward), the ``g * s`` pass and the ``sum(g * y)`` reduction in backward (the
+  forward multiply is usually fused into the next pointwise kernel, so it is nearly
+  free already);
+* it adds ``W * s`` in forward, its recompute in backward, ``gW' * s`` and
+  ``sum(gW' * W)``: about four weight-sized passes.
+
+So folding pays when the activation is large against the weight. The threshold
+``MIN_ACTIVATION_PER_WEIGHT`` is calibrated by ``python -m compile_affine.bench blocks``
+(see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+from .sites import Site
+
+MIN_ACTIVATION_PER_WEIGHT = 1.0
+"""Fold when conv-output elements >= this many times weight elements."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    activation_elems: int
+    weight_elems: int
+    adds_weight_grad_conv: bool
+
+    @property
+    def pays(self) -> bool:
+        if self.adds_weight_grad_conv:
+            return False
+        return self.activation_elems >= MIN_ACTIVATION_PER_WEIGHT * self.weight_elems
+
+    def reason(self) -> str:
+        if self.adds_weight_grad_conv:
+            return "cost: fold needs a weight-gradient conv the model does not compute"
+        return f"cost: activation {self.activation_elems} < weight {self.weight_elems} elements"
+
+
+def _numel(val: torch.Tensor) -> int:
+    # Size hints, not guards: a dynamic batch is costed at the size it was traced with.
+    return math.prod(optimization_hint(s, fallback=8) for s in val.shape)
+
+
+def estimate(site: Site) -> Estimate:
+    weight = site.conv_args["weight"]
+    needs_scale_grad = site.grad_scale_sum is not None
+    weight_grad_computed = site.conv_backward is not None and bool(site.conv_backward.args[-1][1])
+    return Estimate(
+        activation_elems=_numel(site.conv.meta["val"]),
+        weight_elems=_numel(weight.meta["val"]),
+        adds_weight_grad_conv=needs_scale_grad and not weight_grad_computed,
+    )

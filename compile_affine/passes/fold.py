@@ -1,0 +1,98 @@
+"""The ``CustomGraphPass`` Inductor runs on each joint (or inference) graph:
+find sites, decide per site, rewrite, record."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pathlib
+import re
+
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from .. import report
+from ..settings import Settings
+from . import cost, legality, rewrite
+from .sites import Site, backward_region, find_sites
+
+log = logging.getLogger("compile_affine")
+
+_PACKAGE = pathlib.Path(__file__).resolve().parent.parent
+# Everything that can change what the pass emits; a change to any of them must miss the cache.
+_SOURCES = tuple(sorted(str(p) for p in (*_PACKAGE.glob("passes/*.py"), _PACKAGE / "settings.py")))
+_graph_ids = itertools.count()
+
+
+class AffineFoldError(RuntimeError):
+    """The pass itself failed (a bug on our side). The backend falls back on it."""
+
+
+class AffineFoldPass(CustomGraphPass):
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files(_SOURCES, extra=repr(self.settings))
+
+    def __call__(self, graph: fx.Graph) -> None:
+        try:
+            record = run(graph.owning_module, self.settings)
+        except Exception as e:
+            raise AffineFoldError(f"compile_affine pass failed: {type(e).__name__}: {e}") from e
+        report.record(record)
+
+
+def run(gm: fx.GraphModule, settings: Settings) -> report.GraphRecord:
+    training = bool(backward_region(gm.graph))
+    record = report.GraphRecord(graph_name=f"graph {next(_graph_ids)}", training=training)
+    for site in find_sites(gm):
+        record.sites.append(_decide_and_fold(gm.graph, site, settings))
+    if record.folded:
+        gm.graph.lint()
+        gm.recompile()
+    return record
+
+
+def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.SiteRecord:
+    if legality.shift_problem(site):
+        site.shift = site.shift_node = None  # fold the multiply alone; the add stays
+    facts = _facts(site)  # before the rewrite erases the nodes
+    reason = legality.check(site)
+    declined = False
+    if reason is None and settings.fold == "never":
+        reason = "fold='never'"
+    if reason is None and settings.fold == "auto":
+        estimate = cost.estimate(site)
+        if not estimate.pays:
+            reason, declined = estimate.reason(), True
+    if reason is None:
+        rewrite.fold(graph, site)
+    log.debug("site %s: %s", facts["location"], reason or "folded")
+    return report.SiteRecord(**facts, folded=reason is None, reason=reason, declined_by_cost=declined)
+
+
+def _facts(site: Site) -> dict:
+    def shape(n) -> tuple:
+        val = n.meta.get("val") if isinstance(n, fx.Node) else None
+        return tuple(val.shape) if val is not None else ()
+
+    return dict(
+        location=_location(site.mul),
+        producer=site.producer,
+        output_shape=shape(site.conv),
+        weight_shape=shape(site.conv_args["weight"]),
+        scale_shape=shape(site.scale),
+    )
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def _location(node: fx.Node) -> str:
+    """The innermost user frame of the affine, e.g. ``model.py:42 in forward``."""
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    if not frames:
+        return node.name
+    path, line, func = frames[-1]
+    return f"{pathlib.Path(path).name}:{line} in {func}"

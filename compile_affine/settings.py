@@ -1,0 +1,77 @@
+"""Typed plugin settings, parsed once per compile.
+
+The plugin's options travel inside ``torch.compile(..., options=...)`` under the
+single key ``"compile_affine"`` so they can never collide with an Inductor config
+name; every other key is Inductor's and is passed through untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Literal, Mapping
+
+ENV_VAR = "COMPILE_AFFINE"
+OPTIONS_KEY = "compile_affine"
+
+FoldPolicy = Literal["auto", "always", "never"]
+_FOLD_POLICIES = ("auto", "always", "never")
+_ENV_VALUES = {"0": False, "1": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the pass may do. Frozen so it can be hashed into the pass uuid."""
+
+    enabled: bool = True
+    """Install the pass at all. ``COMPILE_AFFINE=0`` forces False."""
+    strict: bool = False
+    """Re-raise errors from the pass instead of falling back to stock Inductor."""
+    fold: FoldPolicy = "auto"
+    """``auto``: fold legal sites the cost model says pay; ``always``: every legal
+    site; ``never``: recognise and report sites but fold none."""
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"compile_affine option {name!r} must be a bool, got {getattr(self, name)!r}")
+        if self.fold not in _FOLD_POLICIES:
+            raise ValueError(f"compile_affine option 'fold' must be one of {_FOLD_POLICIES}, got {self.fold!r}")
+
+
+ACCEPTED_KEYS = tuple(f.name for f in dataclasses.fields(Settings))
+
+
+def env_enabled() -> bool:
+    """Read ``COMPILE_AFFINE``; unset means on. A typo must not silently mean on or off."""
+    raw = os.environ.get(ENV_VAR)
+    if raw is None:
+        return True
+    value = raw.strip()
+    if value not in _ENV_VALUES:
+        raise ValueError(
+            f"environment variable {ENV_VAR}={raw!r} is not valid; accepted values are "
+            f"{', '.join(map(repr, _ENV_VALUES))} (0 = stock Inductor, 1 = fold affines)"
+        )
+    return _ENV_VALUES[value]
+
+
+def split_options(options: Mapping[str, Any] | None) -> tuple[Settings, dict[str, Any]]:
+    """Separate our settings from Inductor's options.
+
+    Returns the parsed ``Settings`` (with the environment variable applied) and the
+    remaining options for Inductor, unchanged.
+    """
+    inductor_options = dict(options or {})
+    ours = inductor_options.pop(OPTIONS_KEY, None) or {}
+    if not isinstance(ours, Mapping):
+        raise TypeError(f"options[{OPTIONS_KEY!r}] must be a dict of plugin options, got {type(ours).__name__}")
+    unknown = sorted(set(ours) - set(ACCEPTED_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown compile_affine option {unknown[0]!r}; accepted keys are {', '.join(ACCEPTED_KEYS)}"
+        )
+    settings = Settings(**ours)
+    if not env_enabled():
+        settings = dataclasses.replace(settings, enabled=False)
+    return settings, inductor_options
