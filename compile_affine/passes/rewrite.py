@@ -87,13 +87,19 @@ class _ChannelMap:
 
     def scale(self, emit: _Emitter, w: fx.Node, s_c: fx.Node) -> fx.Node:
         """``w * s`` with ``s`` (C,) broadcast onto each output channel's slice of ``w``."""
-        scaled = emit(aten.mul.Tensor, emit(aten.reshape.default, w, self.grouped), emit(aten.reshape.default, s_c, self.scale_shape))
-        return emit(aten.reshape.default, scaled, self.shape)
+        scaled = emit(aten.mul.Tensor, _reshape(emit, w, self.grouped), emit(aten.reshape.default, s_c, self.scale_shape))
+        return _reshape(emit, scaled, self.shape)
 
     def reduce(self, emit: _Emitter, w: fx.Node) -> fx.Node:
         """Sum a weight-shaped tensor down to one value per output channel, (C,)."""
-        summed = emit(aten.sum.dim_IntList, emit(aten.reshape.default, w, self.grouped), self.reduce_dims)
-        return emit(aten.reshape.default, summed, [self.channels])
+        summed = emit(aten.sum.dim_IntList, _reshape(emit, w, self.grouped), self.reduce_dims)
+        return _reshape(emit, summed, [self.channels])
+
+
+def _reshape(emit: _Emitter, node: fx.Node, shape: list) -> fx.Node:
+    if list(node.meta["val"].shape) == list(shape):
+        return node
+    return emit(aten.reshape.default, node, shape)
 
 
 def _per_channel(emit: _Emitter, operand: Operand, channels: int, device: torch.device) -> fx.Node:
