@@ -148,7 +148,9 @@ def check_against_eager(
     if x.requires_grad:
         assert_close_rel(x_c.grad, x_e.grad, grad_tol, "grad input")
     for (name, p_e), p_c in zip(eager.named_parameters(), compiled_model.parameters()):
-        if p_e.requires_grad:
+        if p_e.grad is None:
+            assert p_c.grad is None, f"grad {name}: eager has none"
+        else:
             assert_close_rel(p_c.grad, p_e.grad, grad_tol, f"grad {name}")
     if not any(p.requires_grad for p in eager.parameters()):
         return
