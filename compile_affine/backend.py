@@ -35,9 +35,10 @@ def backend(
     inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)
     if not settings.enabled:
         return inductor(gm, example_inputs)
-    patches = {"joint_custom_pre_pass": _chain(inductor.config, AffineFoldPass(settings))}
+    fold_pass = AffineFoldPass(settings)
+    patches = {"joint_custom_pre_pass": _chain(inductor.config, fold_pass)}
     try:
-        return inductor(gm, example_inputs, config_patches=patches)
+        compiled = inductor(gm, example_inputs, config_patches=patches)
     except Exception as e:
         error = _fold_error(e)
         if error is None or settings.strict:
@@ -45,6 +46,10 @@ def backend(
         _warn_once(error)
         report.record(report.GraphRecord(graph_name="fallback", training=False, fell_back=str(error)))
         return inductor(gm, example_inputs)
+    if fold_pass.calls == 0:
+        # Inductor served the graph from its cache, so the pass did not run this time.
+        report.record(report.GraphRecord(graph_name="cached", training=False, cache_hit=True))
+    return compiled
 
 
 def _chain(inductor_options: dict[str, Any], ours: AffineFoldPass) -> list:

@@ -38,6 +38,9 @@ class GraphRecord:
     sites: list[SiteRecord] = dataclasses.field(default_factory=list)
     fell_back: str | None = None
     """Set when the pass raised and the graph was compiled by stock Inductor."""
+    cache_hit: bool = False
+    """Inductor's FX graph cache served the graph: the pass did not run, and the
+    compiled code folds whatever the compile that filled the cache folded."""
 
     @property
     def folded(self) -> int:
@@ -46,6 +49,8 @@ class GraphRecord:
     def summary(self) -> str:
         if self.fell_back:
             return f"{self.graph_name}: pass failed ({self.fell_back}); compiled with stock Inductor"
+        if self.cache_hit:
+            return f"{self.graph_name}: served from Inductor's cache; folds as when the cache entry was made"
         skipped = Counter(s.reason for s in self.sites if not s.folded)
         line = f"{self.graph_name}: folded {self.folded} of {len(self.sites)} affine sites"
         if skipped:
@@ -101,7 +106,7 @@ class Report:
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows)]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"{self.folded} folded, {self.skipped} skipped, {len(self.graphs)} graphs")
-        lines += [f"fallback: {g.summary()}" for g in self.graphs if g.fell_back]
+        lines += [g.summary() for g in self.graphs if g.fell_back or g.cache_hit]
         return "\n".join(lines)
 
     def __repr__(self) -> str:

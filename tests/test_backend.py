@@ -162,3 +162,19 @@ def test_mode_and_options_reach_inductor(monkeypatch):
     model = ConvAffine()
     torch.compile(model, backend=backend)(torch.randn(2, 4, 8, 8))
     assert seen["max_autotune"] is True and seen["joint_custom_pre_pass"][-1].settings.fold == "always"
+
+
+def test_fx_graph_cache_keeps_working():
+    """Our uuid() lets Inductor cache the compiled forward/backward. The joint pass
+    runs before that cache (on the joint graph), so the report stays complete."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    counters.clear()
+    with fresh_cache(), torch._inductor.config.patch(fx_graph_cache=True):
+        _compile_and_run(options=ALWAYS)
+        torch._dynamo.reset()
+        _compile_and_run(options=ALWAYS)
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1
+    assert "Unsupported joint custom pass" not in str(dict(counters["inductor"]))
+    assert [g.folded for g in compile_affine.report().graphs] == [1, 1]

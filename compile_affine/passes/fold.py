@@ -31,11 +31,13 @@ class AffineFoldError(RuntimeError):
 class AffineFoldPass(CustomGraphPass):
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.calls = 0
 
     def uuid(self) -> bytes:
         return get_hash_for_files(_SOURCES, extra=repr(self.settings))
 
     def __call__(self, graph: fx.Graph) -> None:
+        self.calls += 1
         try:
             record = run(graph.owning_module, self.settings)
         except Exception as e:
