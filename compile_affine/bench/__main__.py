@@ -1,0 +1,154 @@
+"""``python -m compile_affine.bench [resnet|blocks]``: the seed's question, measured.
+
+resnet (default): ResNet-50 with BatchNorm replaced by a learnable per-channel affine,
+    against the same net with no norm layer and with BatchNorm, under eager, stock
+    Inductor and compile_affine.
+blocks: conv -> affine -> relu chains over a shape matrix, activation-heavy to
+    weight-heavy, to show where folding pays and that the cost model picks right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .models import BLOCK_SHAPES, resnet50
+from .runner import BACKENDS, Runner, Variant, machine, progress
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESNET_VARIANTS = (
+    "none/eager", "bn/eager", "affine/eager",
+    "none/inductor", "bn/inductor", "affine/inductor",
+    "affine/compile_affine",
+)  # fmt: skip
+BLOCK_VARIANTS = ("none/inductor", "affine/inductor", "affine/compile_affine", "affine/compile_affine-always")
+BASELINE = "none / inductor"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m compile_affine.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("mode", nargs="?", default="resnet", choices=("resnet", "blocks"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=8, help="resnet batch (blocks use their own)")
+    p.add_argument("--res", type=int, default=160, help="resnet input resolution")
+    p.add_argument("--steps", type=int, default=10, help="timed interleaved rounds")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast dtype (float32: no autocast)")
+    p.add_argument("--variants", help="comma-separated net/backend pairs, e.g. none/inductor,affine/compile_affine")
+    p.add_argument("--shapes", help="blocks: comma-separated indices into the shape matrix")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a bar chart of step-time ratios (matplotlib)")
+    return p.parse_args(argv)
+
+
+def _variants(spec: str, default: tuple[str, ...]) -> list[tuple[str, str]]:
+    pairs = [tuple(v.split("/")) for v in (spec.split(",") if spec else default)]
+    for net, backend in pairs:
+        if backend not in BACKENDS:
+            raise SystemExit(f"unknown backend {backend!r} in --variants; choose from {BACKENDS}")
+    return pairs
+
+
+def run_resnet(args, runner: Runner) -> list[dict]:
+    x = torch.randn(args.batch, 3, args.res, args.res)
+    variants = [Variant(net, backend, resnet50(net), x) for net, backend in _variants(args.variants, RESNET_VARIANTS)]
+    runner.run(variants, args.steps, args.warmup)
+    return [_row("resnet50", v, variants) for v in variants]
+
+
+def run_blocks(args, runner: Runner) -> list[dict]:
+    shapes = [BLOCK_SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else BLOCK_SHAPES
+    rows = []
+    for shape in shapes:
+        progress(f"shape {shape.name}")
+        variants = [
+            Variant(net, backend, shape.build(net), shape.input("cpu"))
+            for net, backend in _variants(args.variants, BLOCK_VARIANTS)
+        ]
+        runner.run(variants, args.steps, args.warmup)
+        rows += [_row(shape.name, v, variants) for v in variants]
+    return rows
+
+
+def _row(scenario: str, v: Variant, group: list[Variant]) -> dict:
+    base = next((b for b in group if b.name == BASELINE), group[0])
+    stock_same_net = next((b for b in group if b.net == v.net and b.backend == "inductor"), None)
+    return {
+        "scenario": scenario,
+        "variant": v.name,
+        "step_ms": round(v.step, 2),
+        "fwd_ms": round(v.fwd, 2),
+        "bwd_ms": round(v.bwd, 2),
+        "ratio": round(v.step / base.step, 3),
+        "ratio_vs_stock_same_net": round(v.step / stock_same_net.step, 3) if stock_same_net else None,
+        "saved_mib": round(v.saved_mib, 1),
+        "compile_s": round(v.compile_s, 1),
+        "folds": v.folds,
+    }
+
+
+COLUMNS = [
+    ("scenario", "scenario"), ("variant", "variant"), ("step_ms", "step ms"), ("fwd_ms", "fwd ms"),
+    ("bwd_ms", "bwd ms"), ("ratio", "x none/inductor"), ("ratio_vs_stock_same_net", "x stock same net"),
+    ("saved_mib", "saved MiB"), ("compile_s", "compile s"), ("folds", "folds"),
+]  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    cells = [[h for _, h in COLUMNS]] + [["-" if r[k] is None else str(r[k]) for k, _ in COLUMNS] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['scenario']}\n{r['variant']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r["ratio"] for r in rows])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)), labels, rotation=75, ha="right", fontsize=7)
+    ax.set_ylabel("training step time / none+inductor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Compile time is part of what we measure, so nothing may come from a warm cache.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    # Variants share forward code objects (nn.Sequential, torchvision blocks): each is a
+    # recompile of the same frame. Keep every one compiled, each with static shapes.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    runner = Runner(args.device, DTYPES[args.dtype])
+    rows = (run_resnet if args.mode == "resnet" else run_blocks)(args, runner)
+    info = machine()
+    command = "python -m compile_affine.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"# {command}\n# {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
+          f"device {args.device}, dtype {args.dtype}, batch {args.batch}, res {args.res}, {args.steps} rounds")  # fmt: skip
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "machine": info, "args": vars(args), "rows": rows}, f, indent=2)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
