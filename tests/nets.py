@@ -130,3 +130,25 @@ class PerSampleScale(nn.Module):
 
     def forward(self, x):
         return self.conv(x) * x.mean((1, 2, 3), keepdim=True)
+
+
+class ConvNdAffine(nn.Module):
+    """Any conv kind: ``act(conv(x) * s + t)`` with the scale shaped for ``dims`` spatial dims."""
+
+    def __init__(self, dims=2, transposed=False, cin=4, cout=6, k=3, stride=1, padding=1, dilation=1, groups=1,
+                 output_padding=0, bias=True, shift=True):  # fmt: skip
+        super().__init__()
+        kind = {(1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
+                (1, True): nn.ConvTranspose1d, (2, True): nn.ConvTranspose2d, (3, True): nn.ConvTranspose3d}  # fmt: skip
+        extra = dict(output_padding=output_padding) if transposed else {}
+        self.conv = kind[dims, transposed](cin, cout, k, stride=stride, padding=padding, dilation=dilation,
+                                           groups=groups, bias=bias, **extra)  # fmt: skip
+        shape = (1, cout) + (1,) * dims
+        self.scale = nn.Parameter(torch.rand(shape) + 0.5)
+        self.shift = nn.Parameter(torch.randn(shape)) if shift else None
+
+    def forward(self, x):
+        y = self.conv(x) * self.scale
+        if self.shift is not None:
+            y = y - self.shift
+        return torch.relu(y)

@@ -67,9 +67,10 @@ def progress(msg: str) -> None:
 
 
 class Runner:
-    def __init__(self, device: str, dtype: torch.dtype):
+    def __init__(self, device: str, dtype: torch.dtype, inference: bool = False):
         self.device = torch.device(device)
         self.dtype = dtype
+        self.inference = inference
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -82,10 +83,12 @@ class Runner:
 
     def _fwd_bwd(self, v: Variant) -> tuple[float, float]:
         t0 = time.perf_counter()
-        with self.autocast():
+        with self.autocast(), torch.inference_mode(self.inference):
             out = v.fn(v.x)
         self.sync()
         t1 = time.perf_counter()
+        if self.inference:
+            return (t1 - t0) * 1e3, 0.0
         if v.grad is None:
             v.grad = torch.randn_like(out)
         out.backward(v.grad)
@@ -98,7 +101,7 @@ class Runner:
     def prepare(self, v: Variant, warmup: int) -> None:
         progress(f"compiling {v.name} ...")
         compile_affine.reset()
-        v.model.to(self.device).train()
+        v.model.to(self.device).train(not self.inference)
         v.x = v.x.to(self.device)
         v.fn = compiled(v.model, v.backend)
         # A fresh cache per variant: no variant reuses kernels another compiled.
@@ -110,9 +113,9 @@ class Runner:
         v.folds = f"{report.folded}/{len(report.sites)}" if v.backend.startswith("compile_affine") else "-"
         for _ in range(warmup):
             self._fwd_bwd(v)
-        with self.autocast():
-            saved = saved_for_backward(lambda: v.fn(v.x))
-        v.saved_mib = saved.mib
+        if not self.inference:
+            with self.autocast():
+                v.saved_mib = saved_for_backward(lambda: v.fn(v.x)).mib
         progress(f"  {v.name}: first step {v.compile_s:.1f}s, folds {v.folds}")
 
     def run(self, variants: list[Variant], steps: int, warmup: int = 2) -> None:

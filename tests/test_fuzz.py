@@ -1,0 +1,158 @@
+"""Differential fuzzing: random small conv -> affine models, legal and illegal, checked
+against eager (forward and every gradient) and against the expected fold decision.
+
+Profiles: ``ci`` (default, 100 examples, derandomized) and ``long`` (2,000 examples):
+    HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest tests/test_fuzz.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import compile_affine
+
+from .helpers import ALWAYS, assert_close_rel, pass_backend
+
+settings.register_profile(
+    "ci", max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
+settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+LEGAL_SCALES = ("channel", "flat", "python", "zero_dim", "one", "channel_buffer")
+ILLEGAL_SCALES = ("per_sample", "spatial", "last_axis")
+
+
+@st.composite
+def configs(draw):
+    dims = draw(st.sampled_from([1, 2, 2, 3]))
+    transposed = draw(st.booleans())
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cfg = dict(
+        dims=dims,
+        transposed=transposed,
+        groups=groups,
+        cin=groups * draw(st.integers(1, 2)),
+        cout=groups * draw(st.integers(1, 3)),
+        k=draw(st.integers(1, 3)),
+        stride=draw(st.integers(1, 2)),
+        padding=draw(st.integers(0, 2)),
+        dilation=draw(st.integers(1, 2)),
+        bias=draw(st.booleans()),
+        scale=draw(st.sampled_from(LEGAL_SCALES + ILLEGAL_SCALES)),
+        shift=draw(st.sampled_from(["none", "channel", "per_sample", "python"])),
+        sub=draw(st.booleans()),
+        scale_first=draw(st.booleans()),
+        extra_user=draw(st.integers(0, 5)) == 0,
+        requires=draw(st.lists(st.booleans(), min_size=5, max_size=5)),  # x, W, b, s, t
+        inference=draw(st.integers(0, 4)) == 0,
+        size=draw(st.integers(4, 7)),
+    )
+    cfg["output_padding"] = draw(st.integers(0, max(cfg["stride"], cfg["dilation"]) - 1)) if transposed else 0
+    return cfg
+
+
+class Fuzzed(torch.nn.Module):
+    def __init__(self, cfg, out_shape):
+        super().__init__()
+        self.cfg = cfg
+        wshape = (cfg["cin"], cfg["cout"] // cfg["groups"]) if cfg["transposed"] else (cfg["cout"], cfg["cin"] // cfg["groups"])
+        req = cfg["requires"]
+        self.weight = torch.nn.Parameter(torch.randn(*wshape, *(cfg["k"],) * cfg["dims"]) * 0.5, requires_grad=req[1])
+        self.bias = torch.nn.Parameter(torch.randn(cfg["cout"]), requires_grad=req[2]) if cfg["bias"] else None
+        self.scale = _operand(cfg["scale"], out_shape, req[3], self)
+        self.shift = _operand(cfg["shift"], out_shape, req[4], self) if cfg["shift"] != "none" else None
+
+    def forward(self, x):
+        c = self.cfg
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[c["dims"]]
+        if c["transposed"]:
+            conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[c["dims"]]
+            y = conv(x, self.weight, self.bias, c["stride"], c["padding"], c["output_padding"], c["groups"], c["dilation"])
+        else:
+            y = conv(x, self.weight, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+        s = self.scale() if callable(self.scale) else self.scale
+        z = s * y if c["scale_first"] else y * s
+        if self.shift is not None:
+            t = self.shift() if callable(self.shift) else self.shift
+            z = z - t if c["sub"] else z + t
+        if c["extra_user"]:
+            z = z + y.mean()
+        return torch.tanh(z)
+
+
+def _operand(kind, out_shape, requires_grad, module):
+    n, ch, spatial = out_shape[0], out_shape[1], out_shape[2:]
+    ones = (1,) * len(spatial)
+    if kind == "python":
+        return 1.7
+    shape = {
+        "channel": (1, ch, *ones),
+        "flat": (ch,),
+        "zero_dim": (),
+        "one": (1,) * len(out_shape),
+        "channel_buffer": (1, ch, *ones),
+        "per_sample": (n, 1, *ones),
+        "spatial": (1, 1, *spatial),
+        "last_axis": (spatial[-1],),
+    }[kind]
+    value = torch.rand(shape) + 0.5
+    if kind == "channel_buffer":
+        module.register_buffer(f"buf{len(module._buffers)}", value)
+        return value
+    p = torch.nn.Parameter(value, requires_grad=requires_grad)
+    module.register_parameter(f"p{len(module._parameters)}", p)
+    if kind == "flat":
+        return lambda: p.view(1, -1, *ones)
+    return p
+
+
+def expected_fold(cfg, out_shape) -> bool:
+    if cfg["extra_user"] or cfg["scale"] in ILLEGAL_SCALES:
+        # A size-1 axis makes a "spatial" or "last axis" scale per-channel after all.
+        legal_by_size = cfg["scale"] in ("spatial", "last_axis") and all(s == 1 for s in out_shape[2:])
+        return legal_by_size and not cfg["extra_user"]
+    return True
+
+
+@given(configs())
+def test_fuzz_against_eager(cfg):
+    torch._dynamo.reset()
+    compile_affine.reset()
+    torch.manual_seed(0)
+    c = cfg
+    x = torch.randn(2, c["cin"], *(c["size"],) * c["dims"], requires_grad=c["requires"][0] and not c["inference"])
+    probe = torch.randn(*(c["cin"], c["cout"] // c["groups"]) if c["transposed"] else (c["cout"], c["cin"] // c["groups"]), *(c["k"],) * c["dims"])
+    try:
+        if c["transposed"]:
+            conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[c["dims"]]
+            out_shape = conv(x.detach(), probe, None, c["stride"], c["padding"], c["output_padding"], c["groups"], c["dilation"]).shape
+        else:
+            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[c["dims"]]
+            out_shape = conv(x.detach(), probe, None, c["stride"], c["padding"], c["dilation"], c["groups"]).shape
+    except RuntimeError:
+        assume(False)
+    model = Fuzzed(c, out_shape)
+    compiled = torch.compile(model, backend=pass_backend(ALWAYS))
+    with torch.inference_mode(c["inference"]):
+        out_c = compiled(x)
+        out_e = model(x)
+    assert_close_rel(out_c, out_e, 1e-5, "forward")
+    (site,) = compile_affine.report().graphs[0].sites
+    assert site.folded == expected_fold(c, out_shape), (site.reason, c)
+    if c["inference"] or not out_e.requires_grad:
+        return
+    g = torch.randn_like(out_e)
+    inputs = [t for t in (x, *model.parameters()) if t.requires_grad]
+    grads_c = torch.autograd.grad(out_c, inputs, g, allow_unused=True)
+    grads_e = torch.autograd.grad(out_e, inputs, g, allow_unused=True)
+    for gc, ge in zip(grads_c, grads_e):
+        if ge is None:
+            assert gc is None
+        else:
+            assert_close_rel(gc, ge, 1e-4, "gradient")
