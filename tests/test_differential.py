@@ -71,6 +71,14 @@ def test_inference_matches_eager(context):
     assert compile_affine.report().folded == 3
 
 
+def test_float64_fold_is_exact_to_rounding():
+    # The fold is algebra, not an approximation: in float64 it must agree to ~1e-12, and
+    # nothing may be computed in a lower precision along the way.
+    model = Chain(stride=2).double()
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64, requires_grad=True)
+    check_against_eager(model, x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
+
+
 def test_chain_training():
     check_against_eager(Chain(stride=2), torch.randn(2, 4, 16, 16, requires_grad=True), pass_backend(ALWAYS))
     assert compile_affine.report().graphs[0].folded == 3

@@ -24,7 +24,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .sites import Site
 
-MIN_ACTIVATION_PER_WEIGHT = 0.3
+MIN_ACTIVATION_PER_WEIGHT = 0.5
 """Fold when conv-output elements >= this many times weight elements."""
 
 

@@ -56,8 +56,10 @@ class _Emitter:
             return node
         return self(prims.convert_element_type.default, node, dtype)
 
-    def f32(self, node: fx.Node) -> fx.Node:
-        return self.cast(node, torch.float32)
+    def upcast(self, node: fx.Node) -> fx.Node:
+        """At least fp32: 16-bit floats are upcast, fp32 and fp64 kept as they are."""
+        dtype = node.meta["val"].dtype
+        return self.cast(node, torch.float32) if dtype.is_floating_point and dtype.itemsize < 4 else node
 
 
 class _ChannelMap:
@@ -102,14 +104,14 @@ def _reshape(emit: _Emitter, node: fx.Node, shape: list) -> fx.Node:
     return emit(aten.reshape.default, node, shape)
 
 
-def _per_channel(emit: _Emitter, operand: Operand, channels: int, device: torch.device) -> fx.Node:
-    """``operand`` as an fp32 vector of one value per channel."""
+def _per_channel(emit: _Emitter, operand: Operand, channels: int, device: torch.device, dtype: torch.dtype) -> fx.Node:
+    """``operand`` as a vector of one value per channel, in at least fp32."""
     if not isinstance(operand, fx.Node):
-        return emit(aten.full.default, [channels], float(operand), dtype=torch.float32, device=device, pin_memory=False)
+        return emit(aten.full.default, [channels], float(operand), dtype=dtype, device=device, pin_memory=False)
     flat = emit(aten.reshape.default, operand, [-1])
     if flat.meta["val"].shape[0] != channels:
         flat = emit(aten.expand.default, flat, [channels])
-    return emit.f32(flat)
+    return emit.upcast(flat)
 
 
 def _first_in_graph(graph: fx.Graph, nodes: list[fx.Node]) -> fx.Node:
@@ -135,14 +137,15 @@ def fold(graph: fx.Graph, site: Site) -> fx.Node:
     with graph.inserting_before(site.tail):
         # Tagged for recompute: backward re-derives W*s from W and s instead of saving it.
         emit.recompute = True
-        s_c = _per_channel(emit, site.scale, cmap.channels, w_val.device)
-        w_fold = emit.cast(cmap.scale(emit, emit.f32(weight), s_c), w_val.dtype)
+        compute = torch.promote_types(w_val.dtype, torch.float32)
+        s_c = _per_channel(emit, site.scale, cmap.channels, w_val.device, compute)
+        w_fold = emit.cast(cmap.scale(emit, emit.upcast(weight), s_c), w_val.dtype)
         emit.recompute = False
         b_fold = None
         if bias is not None:
-            b_fold = emit(aten.mul.Tensor, emit.f32(bias), s_c)
+            b_fold = emit(aten.mul.Tensor, emit.upcast(bias), s_c)
         if site.shift is not None:
-            t_c = _per_channel(emit, site.shift, cmap.channels, w_val.device)
+            t_c = _per_channel(emit, site.shift, cmap.channels, w_val.device, compute)
             if b_fold is None:
                 b_fold = t_c if site.shift_sign > 0 else emit(aten.neg.default, t_c)
             else:
@@ -182,15 +185,15 @@ def _fold_backward(graph: fx.Graph, site: Site, emit: _Emitter, cmap: _ChannelMa
         if 0 in old:
             old[0].replace_all_uses_with(grad_x)
         if 1 in old:
-            grad_w = cmap.scale(emit, emit.f32(grad_w_fold), s_c)
+            grad_w = cmap.scale(emit, emit.upcast(grad_w_fold), s_c)
             old[1].replace_all_uses_with(emit.cast(grad_w, weight.meta["val"].dtype))
         if 2 in old:
-            grad_b = emit(aten.mul.Tensor, emit.f32(grad_b_fold), s_c)
+            grad_b = emit(aten.mul.Tensor, emit.upcast(grad_b_fold), s_c)
             old[2].replace_all_uses_with(emit.cast(grad_b, bias.meta["val"].dtype))
         if need_gs:
-            grad_s = cmap.reduce(emit, emit(aten.mul.Tensor, emit.f32(grad_w_fold), emit.f32(weight)))
+            grad_s = cmap.reduce(emit, emit(aten.mul.Tensor, emit.upcast(grad_w_fold), emit.upcast(weight)))
             if has_bias:
-                grad_s = emit(aten.add.Tensor, grad_s, emit(aten.mul.Tensor, emit.f32(grad_b_fold), emit.f32(bias)))
+                grad_s = emit(aten.add.Tensor, grad_s, emit(aten.mul.Tensor, emit.upcast(grad_b_fold), emit.upcast(bias)))
             site.grad_scale_sum.replace_all_uses_with(_like_scale_sum(emit, grad_s, site.grad_scale_sum))
 
     _erase_dead(graph, [*old.values(), cb, site.grad_conv_input, site.grad_scale_sum, site.grad_scale_mul])

@@ -1,0 +1,118 @@
+"""Layouts, dtypes, dynamic shapes, devices and real third-party models."""
+
+import copy
+
+import pytest
+import torch
+
+import compile_affine
+
+from .helpers import ALWAYS, assert_close_rel, check_against_eager, pass_backend
+from .nets import Chain, ConvAffine
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_devices(device):
+    model = ConvAffine().to(device)
+    check_against_eager(model, torch.randn(2, 4, 9, 9, device=device, requires_grad=True), pass_backend(ALWAYS))
+    assert compile_affine.report().graphs[0].folded == 1
+
+
+def test_channels_last():
+    model = Chain().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 10, 10).to(memory_format=torch.channels_last).requires_grad_()
+    check_against_eager(model, x, pass_backend(ALWAYS))
+    assert compile_affine.report().graphs[0].folded == 3
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+def test_low_precision_model_against_fp32_reference(dtype, tol):
+    # tanh, not relu: a relu mask that flips on rounding makes even eager's low-precision
+    # gradients differ from fp32 by several percent, which would test nothing.
+    reference = ConvAffine(4, 8, act=torch.tanh)
+    model = copy.deepcopy(reference).to(dtype)
+    x = torch.randn(2, 4, 9, 9)
+    out = torch.compile(model, backend=pass_backend(ALWAYS))(x.to(dtype))
+    ref = reference(x)
+    assert out.dtype == dtype  # what eager produces for a model held in this dtype
+    assert_close_rel(out.float(), ref, tol, "forward")
+    g = torch.randn_like(ref)
+    out.backward(g.to(dtype))
+    ref.backward(g)
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        assert_close_rel(p.grad.float(), p_ref.grad, tol, f"grad {name}")
+    assert compile_affine.report().graphs[0].folded == 1
+
+
+def test_autocast_promotion_is_refused_not_miscompiled():
+    # bf16 conv output * fp32 scale is fp32 in eager; folding would make it bf16.
+    model = ConvAffine(4, 8)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.compile(model, backend=pass_backend(ALWAYS))(x)
+        ref = model(x)
+    assert out.dtype == ref.dtype == torch.float32
+    assert_close_rel(out, ref, 1e-5, "forward")
+    (site,) = compile_affine.report().graphs[0].sites
+    assert not site.folded and site.reason.startswith("fold would change result dtype")
+
+
+@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
+def test_dynamic_shapes_fold_without_recompiles(how):
+    model = Chain()
+    compiled = torch.compile(model, backend=pass_backend(ALWAYS), dynamic=True if how == "dynamic=True" else None)
+    for shape in [(2, 4, 12, 12), (3, 4, 9, 9), (5, 4, 15, 15)]:
+        x = torch.randn(shape)
+        if how == "mark_dynamic":
+            for dim in (0, 2, 3):
+                torch._dynamo.mark_dynamic(x, dim)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    graphs = compile_affine.report().graphs
+    assert len(graphs) == 1, "fold decisions must not add guards that recompile"
+    assert graphs[0].folded == 3
+
+
+def _randomize_frozen_bn(model):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_()
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def test_torchvision_resnet18_frozen_bn_through_inductor():
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = _randomize_frozen_bn(torchvision.models.resnet18(num_classes=10, norm_layer=FrozenBatchNorm2d))
+
+    def backend(gm, inputs):
+        return compile_affine.backend(gm, inputs, options={"compile_affine": {"fold": "always", "strict": True}})
+
+    # float64: a deep net's fp32 gradients differ from eager by relu masks flipping on
+    # reassociation alone; in float64 the fold must agree to rounding.
+    check_against_eager(model.double(), torch.randn(2, 3, 32, 32, dtype=torch.float64), backend, steps=1, lr=1e-3)
+    graph = compile_affine.report().graphs[0]
+    assert graph.training and graph.folded == 20 == len(graph.sites)
+
+
+def test_torchvision_mobilenet_v2_frozen_bn():
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = _randomize_frozen_bn(torchvision.models.mobilenet_v2(num_classes=10, norm_layer=FrozenBatchNorm2d))
+    model.classifier[0].p = 0.0  # dropout draws differ between eager and compiled
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    check_against_eager(model.double(), x, pass_backend(ALWAYS), steps=1, out_tol=1e-12, grad_tol=1e-10, lr=1e-3)
+    graph = compile_affine.report().graphs[0]
+    assert graph.folded == len(graph.sites) == 52  # every conv, depthwise included
