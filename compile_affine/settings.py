@@ -30,11 +30,17 @@ class Settings:
     fold: FoldPolicy = "auto"
     """``auto``: fold legal sites the cost model says pay; ``always``: every legal
     site; ``never``: recognise and report sites but fold none."""
+    min_activation_ratio: float = 0.5
+    """``fold="auto"`` folds a site when its conv output has at least this many
+    elements per weight element. Lower trades speed for saved-activation memory."""
 
     def __post_init__(self) -> None:
         for name in ("enabled", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"compile_affine option {name!r} must be a bool, got {getattr(self, name)!r}")
+        ratio = self.min_activation_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 0:
+            raise ValueError(f"compile_affine option 'min_activation_ratio' must be a number >= 0, got {self.min_activation_ratio!r}")
         if self.fold not in _FOLD_POLICIES:
             raise ValueError(f"compile_affine option 'fold' must be one of {_FOLD_POLICIES}, got {self.fold!r}")
 

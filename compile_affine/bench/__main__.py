@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast dtype (float32: no autocast)")
     p.add_argument("--inference", action="store_true", help="time the forward under inference_mode instead of a training step")
+    p.add_argument("--min-activation-ratio", type=float, help="compile_affine's cost threshold (default: the plugin's)")
     p.add_argument("--variants", help="comma-separated net/backend pairs, e.g. none/inductor,affine/compile_affine")
     p.add_argument("--shapes", help="blocks: comma-separated indices into the shape matrix")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -136,7 +137,8 @@ def main(argv=None) -> int:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 1024
     torch._dynamo.config.automatic_dynamic_shapes = False
-    runner = Runner(args.device, DTYPES[args.dtype], args.inference)
+    settings = {} if args.min_activation_ratio is None else {"min_activation_ratio": args.min_activation_ratio}
+    runner = Runner(args.device, DTYPES[args.dtype], args.inference, settings)
     rows = (run_resnet if args.mode == "resnet" else run_blocks)(args, runner)
     info = machine()
     command = "python -m compile_affine.bench " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -53,13 +53,13 @@ class Variant:
         return statistics.median(f + b for f, b in zip(self.fwd_ms, self.bwd_ms))
 
 
-def compiled(model: torch.nn.Module, backend: str) -> Callable:
+def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
     if backend == "eager":
         return model
     if backend == "inductor":
         return torch.compile(model)
     fold = "always" if backend.endswith("-always") else "auto"
-    return torch.compile(model, backend="compile_affine", options={"compile_affine": {"fold": fold}})
+    return torch.compile(model, backend="compile_affine", options={"compile_affine": {**settings, "fold": fold}})
 
 
 def progress(msg: str) -> None:
@@ -67,7 +67,8 @@ def progress(msg: str) -> None:
 
 
 class Runner:
-    def __init__(self, device: str, dtype: torch.dtype, inference: bool = False):
+    def __init__(self, device: str, dtype: torch.dtype, inference: bool = False, settings: dict | None = None):
+        self.settings = settings or {}
         self.device = torch.device(device)
         self.dtype = dtype
         self.inference = inference
@@ -103,7 +104,7 @@ class Runner:
         compile_affine.reset()
         v.model.to(self.device).train(not self.inference)
         v.x = v.x.to(self.device)
-        v.fn = compiled(v.model, v.backend)
+        v.fn = compiled(v.model, v.backend, self.settings)
         # A fresh cache per variant: no variant reuses kernels another compiled.
         with fresh_cache():
             t0 = time.perf_counter()

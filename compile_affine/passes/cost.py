@@ -9,9 +9,9 @@ Folding trades activation-sized work for weight-sized work:
 * it adds ``W * s`` in forward, its recompute in backward, ``gW' * s`` and
   ``sum(gW' * W)``: about four weight-sized passes.
 
-So folding pays when the activation is large against the weight. The threshold
-``MIN_ACTIVATION_PER_WEIGHT`` is calibrated by ``python -m compile_affine.bench blocks``
-(see docs/design.md).
+So folding pays when the activation is large against the weight. The threshold,
+``Settings.min_activation_ratio`` (default 0.5), is calibrated with
+``python -m compile_affine.bench`` (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -24,26 +24,23 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .sites import Site
 
-MIN_ACTIVATION_PER_WEIGHT = 0.5
-"""Fold when conv-output elements >= this many times weight elements."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     activation_elems: int
     weight_elems: int
     adds_weight_grad_conv: bool
+    min_ratio: float
 
     @property
     def pays(self) -> bool:
         if self.adds_weight_grad_conv:
             return False
-        return self.activation_elems >= MIN_ACTIVATION_PER_WEIGHT * self.weight_elems
+        return self.activation_elems >= self.min_ratio * self.weight_elems
 
     def reason(self) -> str:
         if self.adds_weight_grad_conv:
             return "cost: fold needs a weight-gradient conv the model does not compute"
-        return f"cost: activation {self.activation_elems} < weight {self.weight_elems} elements"
+        return f"cost: activation {self.activation_elems} < {self.min_ratio} x weight {self.weight_elems} elements"
 
 
 def _numel(val: torch.Tensor) -> int:
@@ -51,7 +48,7 @@ def _numel(val: torch.Tensor) -> int:
     return math.prod(optimization_hint(s, fallback=8) for s in val.shape)
 
 
-def estimate(site: Site) -> Estimate:
+def estimate(site: Site, min_ratio: float) -> Estimate:
     weight = site.conv_args["weight"]
     needs_scale_grad = site.grad_scale_sum is not None
     weight_grad_computed = site.conv_backward is not None and bool(site.conv_backward.args[-1][1])
@@ -59,4 +56,5 @@ def estimate(site: Site) -> Estimate:
         activation_elems=_numel(site.conv.meta["val"]),
         weight_elems=_numel(weight.meta["val"]),
         adds_weight_grad_conv=needs_scale_grad and not weight_grad_computed,
+        min_ratio=min_ratio,
     )
