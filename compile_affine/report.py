@@ -15,6 +15,12 @@ from typing import Iterator
 log = logging.getLogger("compile_affine")
 
 
+def _rank() -> int | None:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+
+
 @dataclasses.dataclass(frozen=True)
 class SiteRecord:
     location: str
@@ -38,6 +44,8 @@ class GraphRecord:
     sites: list[SiteRecord] = dataclasses.field(default_factory=list)
     fell_back: str | None = None
     """Set when the pass raised and the graph was compiled by stock Inductor."""
+    rank: int | None = dataclasses.field(default_factory=_rank)
+    """The torch.distributed rank that compiled the graph, when a process group is up."""
     cache_hit: bool = False
     """Inductor's FX graph cache served the graph: the pass did not run, and the
     compiled code folds whatever the compile that filled the cache folded."""
@@ -47,6 +55,9 @@ class GraphRecord:
         return sum(s.folded for s in self.sites)
 
     def summary(self) -> str:
+        return ("" if self.rank is None else f"[rank {self.rank}] ") + self._summary()
+
+    def _summary(self) -> str:
         if self.fell_back:
             return f"{self.graph_name}: pass failed ({self.fell_back}); compiled with stock Inductor"
         if self.cache_hit:

@@ -5,18 +5,23 @@ resnet (default): ResNet-50 with BatchNorm replaced by a learnable per-channel a
     Inductor and compile_affine.
 blocks: conv -> affine -> relu chains over a shape matrix, activation-heavy to
     weight-heavy, to show where folding pays and that the cost model picks right.
+
+Under ``torchrun --nproc-per-node N -m compile_affine.bench ...`` every variant is
+wrapped in DistributedDataParallel (gloo on CPU, NCCL on CUDA) and each rank prints
+its own table; ``--json`` then writes one file per rank (``PATH.rankR``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
 
 from .models import BLOCK_SHAPES, resnet50
-from .runner import BACKENDS, Runner, Variant, machine, progress
+from .runner import BACKENDS, Runner, Variant, init_distributed, machine, progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESNET_VARIANTS = (
@@ -138,18 +143,26 @@ def main(argv=None) -> int:
     torch._dynamo.config.accumulated_recompile_limit = 1024
     torch._dynamo.config.automatic_dynamic_shapes = False
     settings = {} if args.min_activation_ratio is None else {"min_activation_ratio": args.min_activation_ratio}
-    runner = Runner(args.device, DTYPES[args.dtype], args.inference, settings)
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if ddp:
+        args.device = init_distributed(args.device)
+    runner = Runner(args.device, DTYPES[args.dtype], args.inference, settings, ddp=ddp)
     rows = (run_resnet if args.mode == "resnet" else run_blocks)(args, runner)
     info = machine()
     command = "python -m compile_affine.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"# {command}\n# {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
+    rank = f"# rank {info['rank']} of {info['world_size']} (DDP)\n" if ddp else ""
+    print(f"{rank}# {command}\n# {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
           f"device {args.device}, dtype {args.dtype}, batch {args.batch}, res {args.res}, {args.steps} rounds")  # fmt: skip
     print(table(rows))
     if args.json:
-        with open(args.json, "w") as f:
+        with open(f"{args.json}.rank{info['rank']}" if ddp else args.json, "w") as f:
             json.dump({"command": command, "machine": info, "args": vars(args), "rows": rows}, f, indent=2)
-    if args.plot:
+    if args.plot and info["rank"] == 0:
         plot(rows, args.plot)
+    if ddp:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 

@@ -58,7 +58,21 @@ class BlockShape:
         for _ in range(self.depth):
             conv = nn.Conv2d(c, c, k, padding=k // 2, groups=c if self.depthwise else 1, bias=False)
             layers += [conv, NORMS[norm](c), nn.ReLU()]
-        return nn.Sequential(*layers)
+        return Blocks(layers)
+
+
+class Blocks(nn.Module):
+    """``nn.Sequential`` with a forward of our own: under DDP, Dynamo resumes after the
+    wrapper's graph break in this frame, and it does not trace a root frame in torch.nn."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 BLOCK_SHAPES = [

@@ -67,8 +67,10 @@ def progress(msg: str) -> None:
 
 
 class Runner:
-    def __init__(self, device: str, dtype: torch.dtype, inference: bool = False, settings: dict | None = None):
+    def __init__(self, device: str, dtype: torch.dtype, inference: bool = False, settings: dict | None = None,
+                 ddp: bool = False):  # fmt: skip
         self.settings = settings or {}
+        self.ddp = ddp
         self.device = torch.device(device)
         self.dtype = dtype
         self.inference = inference
@@ -104,6 +106,11 @@ class Runner:
         compile_affine.reset()
         v.model.to(self.device).train(not self.inference)
         v.x = v.x.to(self.device)
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            v.model = DistributedDataParallel(v.model, device_ids=ids)
         v.fn = compiled(v.model, v.backend, self.settings)
         # A fresh cache per variant: no variant reuses kernels another compiled.
         with fresh_cache():
@@ -134,6 +141,18 @@ class Runner:
             v.compile_s = max(0.0, v.compile_s - v.step / 1e3)
 
 
+def init_distributed(device: str) -> str:
+    """Join the process group ``torchrun`` describes; returns this rank's device."""
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
 def machine() -> dict:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -147,4 +166,6 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "rank": int(os.environ.get("RANK", 0)),
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
     }
