@@ -48,8 +48,17 @@ class AffineFoldPass(CustomGraphPass):
 def run(gm: fx.GraphModule, settings: Settings) -> report.GraphRecord:
     training = bool(backward_region(gm.graph))
     record = report.GraphRecord(graph_name=f"graph {next(_graph_ids)}", training=training)
-    for site in find_sites(gm):
-        record.sites.append(_decide_and_fold(gm.graph, site, settings))
+    # A fold turns ``conv * s1 + t1`` into a conv, which makes a following ``* s2`` a new
+    # site (with the backward shape autograd would have given it): repeat until a round
+    # folds nothing, so chains of affines fold into one conv.
+    judged: set[fx.Node] = set()
+    while True:
+        new_sites = [site for site in find_sites(gm) if site.mul not in judged]
+        judged.update(site.mul for site in new_sites)
+        records = [_decide_and_fold(gm.graph, site, settings) for site in new_sites]
+        record.sites += records
+        if not any(r.folded for r in records):
+            break
     if record.folded:
         gm.graph.lint()
         gm.recompile()

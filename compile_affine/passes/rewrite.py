@@ -196,7 +196,7 @@ def _fold_backward(graph: fx.Graph, site: Site, emit: _Emitter, cmap: _ChannelMa
                 grad_s = emit(aten.add.Tensor, grad_s, emit(aten.mul.Tensor, emit.upcast(grad_b_fold), emit.upcast(bias)))
             site.grad_scale_sum.replace_all_uses_with(_like_scale_sum(emit, grad_s, site.grad_scale_sum))
 
-    _erase_dead(graph, [*old.values(), cb, site.grad_conv_input, site.grad_scale_sum, site.grad_scale_mul])
+    _erase_dead(graph, [*old.values(), cb, site.grad_conv_input, site.grad_scale_sum, site.grad_scale_mul, site.saved_conv])
 
 
 def _like_scale_sum(emit: _Emitter, grad_s: fx.Node, old_sum: fx.Node) -> fx.Node:

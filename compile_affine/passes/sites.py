@@ -50,6 +50,9 @@ class Site:
     grad_scale_mul: fx.Node | None = None
     """``mul(g, y)`` whose reduction is the scale's gradient."""
     grad_scale_sum: fx.Node | None = None
+    saved_conv: fx.Node | None = None
+    """What the backward reads for ``y``: the conv output, or autograd's clone of it when
+    the forward multiply was in place (``y.mul_(s)``)."""
     other_conv_users: list[fx.Node] = dataclasses.field(default_factory=list)
     """Users of the conv output that are neither the affine nor its recognised backward."""
     backward_problem: str | None = None
@@ -134,17 +137,18 @@ def _build_site(conv: fx.Node, mul: fx.Node, backward: set[fx.Node]) -> Site:
     for user in conv.users:
         if user is mul:
             continue
-        if user in backward and _is_grad_scale_mul(user, conv):
-            if site.grad_scale_mul is not None:
-                site.other_conv_users.append(user)
-            site.grad_scale_mul = user
+        saved, reader = conv, user
+        if user.target is aten.clone.default and len(user.users) == 1:
+            saved, reader = user, next(iter(user.users))  # in-place mul_: autograd saved a copy
+        if reader in backward and _is_grad_scale_mul(reader, saved) and site.grad_scale_mul is None:
+            site.grad_scale_mul, site.saved_conv = reader, saved
         else:
             site.other_conv_users.append(user)
     if site.grad_scale_mul is not None:
         _attach_scale_grad(site)
     _attach_conv_backward(site, backward)
     if site.grad_scale_mul is not None and site.conv_backward is not None:
-        if site.grad is not _other(site.grad_scale_mul, conv):
+        if site.grad is not _other(site.grad_scale_mul, site.saved_conv):
             site.backward_problem = "backward uses of the affine disagree on its gradient"
     return site
 
@@ -170,15 +174,15 @@ def _attach_shift(site: Site) -> None:
     site.shift_sign = -1 if node.target is aten.sub.Tensor else 1
 
 
-def _is_grad_scale_mul(node: fx.Node, conv: fx.Node) -> bool:
-    return node.target is aten.mul.Tensor and conv in node.args[:2] and node.args[0] is not node.args[1]
+def _is_grad_scale_mul(node: fx.Node, y: fx.Node) -> bool:
+    return node.target is aten.mul.Tensor and y in node.args[:2] and node.args[0] is not node.args[1]
 
 
 def _attach_scale_grad(site: Site) -> None:
     users = list(site.grad_scale_mul.users)
     if len(users) == 1 and users[0].target in (aten.sum.dim_IntList, aten.sum.default):
         site.grad_scale_sum = users[0]
-        site.grad = _other(site.grad_scale_mul, site.conv)
+        site.grad = _other(site.grad_scale_mul, site.saved_conv)
     else:
         site.backward_problem = "scale gradient is not a plain reduction of grad * conv output"
 
@@ -204,10 +208,9 @@ def _attach_conv_backward(site: Site, backward: set[fx.Node]) -> None:
         site.backward_problem = "several convolution_backward nodes could belong to this conv"
         return
     cb = found[0]
+    # ``grad_in`` may have other readers (in a chain, the previous shift's gradient sums
+    # it); the rewrite stops feeding it to the conv and leaves it to them.
     grad_in = cb.args[0]
-    if len(grad_in.users) != 1:
-        site.backward_problem = "the conv-output gradient has other users"
-        return
     g = _other(grad_in, site.scale)
     if site.grad is None:
         site.grad = g
