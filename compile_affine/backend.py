@@ -35,7 +35,7 @@ def backend(
     inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)
     if not settings.enabled:
         return inductor(gm, example_inputs)
-    fold_pass = AffineFoldPass(settings)
+    fold_pass = AffineFoldPass(settings, mutated_inputs(gm))
     patches = {"joint_custom_pre_pass": _chain(inductor.config, fold_pass)}
     try:
         compiled = inductor(gm, example_inputs, config_patches=patches)
@@ -50,6 +50,38 @@ def backend(
         # Inductor served the graph from its cache, so the pass did not run this time.
         report.record(report.GraphRecord(graph_name="cached", training=False, cache_hit=True))
     return compiled
+
+
+def mutated_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
+    """Indices of Dynamo graph inputs that the graph may mutate in place.
+
+    Conservative on purpose: any input (or view of it) passed first to an op whose name
+    ends in ``_`` (``add_``, ``copy_``...), to ``setitem`` or an augmented assignment
+    (``+=``), or as an ``out=`` argument counts.
+    A false positive only costs a fold.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    aliases = {n: i for i, n in enumerate(placeholders)}
+    mutated = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_OPERATORS:
+            mutated.update(aliases[a] for a in args[:1] if a in aliases)
+        if isinstance(node.kwargs.get("out"), torch.fx.Node) and node.kwargs["out"] in aliases:
+            mutated.add(aliases[node.kwargs["out"]])
+        # Views share storage: a mutation through a view mutates the input.
+        if args and args[0] in aliases and name in _VIEW_OPS:
+            aliases[node] = aliases[args[0]]
+    return frozenset(mutated)
+
+
+_INPLACE_OPERATORS = {"setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "ipow", "iand", "ior", "ixor"}
+_VIEW_OPS = {"view", "reshape", "transpose", "permute", "expand", "__getitem__", "getitem", "select", "narrow",
+             "unsqueeze", "squeeze", "flatten", "unflatten", "t", "as_strided", "view_as", "split", "chunk",
+             "unbind", "diagonal", "movedim", "detach"}  # fmt: skip
 
 
 def _chain(inductor_options: dict[str, Any], ours: AffineFoldPass) -> list:

@@ -49,17 +49,25 @@ def test_low_precision_model_against_fp32_reference(dtype, tol):
     assert compile_affine.report().graphs[0].folded == 1
 
 
-def test_autocast_promotion_is_refused_not_miscompiled():
-    # bf16 conv output * fp32 scale is fp32 in eager; folding would make it bf16.
-    model = ConvAffine(4, 8)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+def test_autocast_folds_and_keeps_the_promoted_dtype(dtype, tol):
+    # Under autocast the conv runs in 16 bits and ``y * s`` with an fp32 scale is fp32.
+    reference = ConvAffine(4, 8, act=torch.tanh)
+    model = copy.deepcopy(reference)
     x = torch.randn(2, 4, 9, 9)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = torch.compile(model, backend=pass_backend(ALWAYS))(x)
-        ref = model(x)
-    assert out.dtype == ref.dtype == torch.float32
-    assert_close_rel(out, ref, 1e-5, "forward")
-    (site,) = compile_affine.report().graphs[0].sites
-    assert not site.folded and site.reason.startswith("fold would change result dtype")
+        eager = copy.deepcopy(reference)(x)
+    ref = reference(x)
+    assert out.dtype == eager.dtype == torch.float32
+    assert_close_rel(out, ref, tol, "forward")
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        assert p.grad.dtype == torch.float32
+        assert_close_rel(p.grad, p_ref.grad, tol, f"grad {name}")
+    assert compile_affine.report().graphs[0].folded == 1
 
 
 @pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
@@ -116,3 +124,19 @@ def test_torchvision_mobilenet_v2_frozen_bn():
     check_against_eager(model.double(), x, pass_backend(ALWAYS), steps=1, out_tol=1e-12, grad_tol=1e-10, lr=1e-3)
     graph = compile_affine.report().graphs[0]
     assert graph.folded == len(graph.sites) == 52  # every conv, depthwise included
+
+
+def test_autocast_through_inductor():
+    reference = ConvAffine(4, 8, act=torch.tanh)
+    model = copy.deepcopy(reference)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.compile(model, backend="compile_affine", options={"compile_affine": {"fold": "always", "strict": True}})(x)
+    ref = reference(x)
+    assert out.dtype == torch.float32
+    assert_close_rel(out, ref, 2e-2, "forward")
+    out.sum().backward()
+    ref.sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        assert_close_rel(p.grad, p_ref.grad, 2e-2, f"grad {name}")
+    assert compile_affine.report().graphs[0].folded == 1

@@ -1,6 +1,8 @@
 """Sites that must not fold: each legality rule leaves the graph alone, says why in
 the report, and the results stay exact."""
 
+import copy
+
 import pytest
 import torch
 
@@ -61,7 +63,81 @@ def test_every_rule_has_a_reason_string():
         "conv_has_metadata",
         "conv_output_not_reused",
         "backward_recognised",
+        "inputs_not_mutated",
         "scale_per_channel",
         "scale_independent_of_conv",
         "result_unchanged",
     ]
+
+
+# Regressions found in review: each once produced a wrong gradient or a crash.
+
+
+def test_twin_conv_backward_is_not_taken_over():
+    """Two convs share x, W, config and scale; only the second's bias needs grad. The
+    first site must not rewrite the second conv's backward as if it were its own."""
+
+    def f(x, w, b1, b2, s):
+        y1 = torch.nn.functional.conv2d(x, w, b1, padding=1) * s
+        y2 = torch.nn.functional.conv2d(x, w, b2, padding=1) * s
+        return torch.cat([y1, y2], 1)
+
+    d = torch.float64
+    x, w, b1 = torch.randn(2, 4, 7, 7, dtype=d), torch.randn(6, 4, 3, 3, dtype=d), torch.randn(6, dtype=d)
+    b2 = torch.randn(6, dtype=d, requires_grad=True)
+    s = torch.randn(1, 6, 1, 1, dtype=d, requires_grad=True)
+    g = torch.randn(2, 12, 7, 7, dtype=d)
+    ref = torch.autograd.grad(f(x, w, b1, b2, s), (b2, s), g)
+    got = torch.autograd.grad(torch.compile(f, backend=pass_backend(ALWAYS))(x, w, b1, b2, s), (b2, s), g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_shift_that_is_another_sites_output():
+    """Site B's shift is site A's output: folding A first must not leave B holding A's erased node."""
+    c = 6
+
+    def f(x, w, b, s, w_se, s_se):
+        p = x.mean((2, 3), keepdim=True)[:, :1].expand(1, c, 1, 1).contiguous()
+        t = torch.nn.functional.conv2d(p, w_se, groups=c) * s_se
+        return torch.nn.functional.conv2d(x, w, b, padding=1) * s + t
+
+    args = [torch.randn(1, 4, 7, 7), torch.randn(c, 4, 3, 3), torch.randn(c), torch.randn(1, c, 1, 1),
+            torch.randn(c, 1, 1, 1), torch.randn(c, 1, 1)]  # fmt: skip
+    with torch.no_grad():
+        out = torch.compile(f, backend=pass_backend(ALWAYS))(*args)
+    torch.testing.assert_close(out, f(*args))
+    assert [s.folded for s in compile_affine.report().sites] == [True, True]
+
+
+@pytest.mark.parametrize("update", ["add_", "+=", "copy_ of a view"])
+def test_mutated_buffer_is_not_needed_by_backward(update):
+    """The folded backward needs b; a graph that then updates b in place must not fold
+    (with real Inductor the backward silently read the updated b)."""
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(6, 4, 3, 3))
+            self.register_buffer("b", torch.randn(6))
+            self.s = torch.nn.Parameter(torch.randn(1, 6, 1, 1))
+
+        def forward(self, x):
+            out = torch.nn.functional.conv2d(x, self.w, self.b, padding=1) * self.s
+            if update == "add_":
+                self.b.add_(1.0)
+            elif update == "+=":
+                self.b += 1.0
+            else:
+                self.b.view(2, 3)[0].copy_(torch.ones(3))
+            return out
+
+    m = M()
+    reference = copy.deepcopy(m)
+    x = torch.randn(2, 4, 7, 7)
+    reference(x).sum().backward()
+    opts = {"compile_affine": {"fold": "always", "strict": True}}
+    torch.compile(m, backend="compile_affine", options=opts)(x).sum().backward()
+    torch.testing.assert_close(m.s.grad, reference.s.grad)
+    site = only_site()
+    assert not site.folded and site.reason.startswith("graph mutates bias"), site.reason

@@ -29,23 +29,25 @@ class AffineFoldError(RuntimeError):
 
 
 class AffineFoldPass(CustomGraphPass):
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, mutated_input_indices: frozenset[int] = frozenset()):
         self.settings = settings
+        self.mutated_input_indices = mutated_input_indices
+        """Which inputs of the graph being compiled it mutates (see sites.mutated_inputs)."""
         self.calls = 0
 
     def uuid(self) -> bytes:
-        return get_hash_for_files(_SOURCES, extra=repr(self.settings))
+        return get_hash_for_files(_SOURCES, extra=f"{self.settings!r} {sorted(self.mutated_input_indices)}")
 
     def __call__(self, graph: fx.Graph) -> None:
         self.calls += 1
         try:
-            record = run(graph.owning_module, self.settings)
+            record = run(graph.owning_module, self.settings, self.mutated_input_indices)
         except Exception as e:
             raise AffineFoldError(f"compile_affine pass failed: {type(e).__name__}: {e}") from e
         report.record(record)
 
 
-def run(gm: fx.GraphModule, settings: Settings) -> report.GraphRecord:
+def run(gm: fx.GraphModule, settings: Settings, mutated_input_indices: frozenset[int] = frozenset()) -> report.GraphRecord:
     training = bool(backward_region(gm.graph))
     record = report.GraphRecord(graph_name=f"graph {next(_graph_ids)}", training=training)
     # A fold turns ``conv * s1 + t1`` into a conv, which makes a following ``* s2`` a new
@@ -53,7 +55,7 @@ def run(gm: fx.GraphModule, settings: Settings) -> report.GraphRecord:
     # folds nothing, so chains of affines fold into one conv.
     judged: set[fx.Node] = set()
     while True:
-        new_sites = [site for site in find_sites(gm) if site.mul not in judged]
+        new_sites = [site for site in find_sites(gm, mutated_input_indices) if site.mul not in judged]
         judged.update(site.mul for site in new_sites)
         records = [_decide_and_fold(gm.graph, site, settings) for site in new_sites]
         record.sites += records
@@ -66,6 +68,7 @@ def run(gm: fx.GraphModule, settings: Settings) -> report.GraphRecord:
 
 
 def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.SiteRecord:
+    site.refresh()
     if legality.shift_problem(site):
         site.shift = site.shift_node = None  # fold the multiply alone; the add stays
     facts = _facts(site)  # before the rewrite erases the nodes

@@ -83,7 +83,7 @@ def _depends_on(node: Operand, target: fx.Node) -> bool:
 def conv_has_metadata(site: Site) -> str | None:
     if _val(site.conv) is None or _val(site.conv_args["weight"]) is None or _val(site.tail) is None:
         return "missing tensor metadata"
-    if not isinstance(_val(site.conv_args["weight"]).shape[0], int):
+    if not all(isinstance(d, int) for d in _val(site.conv_args["weight"]).shape):
         return "weight shape is symbolic"
     return None
 
@@ -96,6 +96,12 @@ def backward_recognised(site: Site) -> str | None:
     return site.backward_problem
 
 
+def inputs_not_mutated(site: Site) -> str | None:
+    if site.mutated_operands:
+        return f"graph mutates {', '.join(site.mutated_operands)}, which the folded backward would need"
+    return None
+
+
 def scale_per_channel(site: Site) -> str | None:
     return operand_problem(site.scale, _val(site.conv), "scale")
 
@@ -104,9 +110,15 @@ def scale_independent_of_conv(site: Site) -> str | None:
     return "scale is computed from the conv output" if _depends_on(site.scale, site.conv) else None
 
 
+def autocast_promotion(conv: torch.dtype, out: torch.dtype) -> bool:
+    """A 16-bit conv output times an fp32 scale is fp32, as under autocast. The fold keeps
+    that dtype by casting the folded conv's output up; any other change is refused."""
+    return conv in (torch.bfloat16, torch.float16) and out == torch.float32
+
+
 def result_unchanged(site: Site) -> str | None:
     conv, out = _val(site.conv), _val(site.tail)
-    if out.dtype != conv.dtype:
+    if out.dtype != conv.dtype and not autocast_promotion(conv.dtype, out.dtype):
         return f"fold would change result dtype ({conv.dtype} -> {out.dtype})"
     if not _same_shape(out.shape, conv.shape):
         return "fold would change result shape"
@@ -117,6 +129,7 @@ RULES: tuple[Callable[[Site], str | None], ...] = (
     conv_has_metadata,
     conv_output_not_reused,
     backward_recognised,
+    inputs_not_mutated,
     scale_per_channel,
     scale_independent_of_conv,
     result_unchanged,
@@ -140,7 +153,7 @@ def shift_problem(site: Site) -> str | None:
     problem = operand_problem(site.shift, out, "shift")
     if problem is None and _depends_on(site.shift, site.conv):
         problem = "shift is computed from the conv output"
-    tail = _val(site.shift_node)
-    if problem is None and (tail is None or tail.dtype != out.dtype or not _same_shape(tail.shape, out.shape)):
+    tail, product = _val(site.shift_node), _val(site.mul)
+    if problem is None and (tail is None or tail.dtype != product.dtype or not _same_shape(tail.shape, out.shape)):
         problem = "shift would change result dtype or shape"
     return problem

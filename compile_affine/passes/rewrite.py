@@ -153,7 +153,9 @@ def fold(graph: fx.Graph, site: Site) -> fx.Node:
         if b_fold is not None:
             b_fold = emit.cast(b_fold, out_dtype)
         new_conv = emit(aten.convolution.default, a["x"], w_fold, b_fold, *site.conv.args[3:])
-    site.tail.replace_all_uses_with(new_conv)
+        # Under autocast eager promoted ``y * s`` to the scale's fp32: keep that dtype.
+        result = emit.cast(new_conv, site.tail.meta["val"].dtype)
+    site.tail.replace_all_uses_with(result)
 
     if site.grad is not None:
         _fold_backward(graph, site, emit, cmap, s_c, w_fold)
@@ -175,9 +177,10 @@ def _fold_backward(graph: fx.Graph, site: Site, emit: _Emitter, cmap: _ChannelMa
 
     anchor = _first_in_graph(graph, [n for n in (cb, site.grad_scale_sum) if n is not None])
     with graph.inserting_before(anchor):
+        grad = emit.cast(site.grad, site.conv.meta["val"].dtype)  # autocast: g is wider
         new_cb = emit(
             aten.convolution_backward.default,
-            site.grad, a["x"], w_fold, [cmap.channels], *site.conv.args[3:9], mask,
+            grad, a["x"], w_fold, [cmap.channels], *site.conv.args[3:9], mask,
         )
         grad_x, grad_w_fold, grad_b_fold = (
             emit(operator.getitem, new_cb, i) if mask[i] else None for i in range(3)
@@ -196,7 +199,8 @@ def _fold_backward(graph: fx.Graph, site: Site, emit: _Emitter, cmap: _ChannelMa
                 grad_s = emit(aten.add.Tensor, grad_s, emit(aten.mul.Tensor, emit.upcast(grad_b_fold), emit.upcast(bias)))
             site.grad_scale_sum.replace_all_uses_with(_like_scale_sum(emit, grad_s, site.grad_scale_sum))
 
-    _erase_dead(graph, [*old.values(), cb, site.grad_conv_input, site.grad_scale_sum, site.grad_scale_mul, site.saved_conv])
+    dead = [*old.values(), cb, site.grad_cast, site.grad_conv_input, site.grad_scale_sum, site.grad_scale_mul, site.saved_conv]
+    _erase_dead(graph, dead)
 
 
 def _like_scale_sum(emit: _Emitter, grad_s: fx.Node, old_sum: fx.Node) -> fx.Node:

@@ -46,6 +46,8 @@ class Site:
     """``g``: the gradient flowing into the affine's output."""
     grad_conv_input: fx.Node | None = None
     """``mul(g, s)``, the gradient of the conv output, feeding ``convolution_backward``."""
+    grad_cast: fx.Node | None = None
+    """Under autocast, the cast of ``mul(g, s)`` down to the conv's dtype."""
     conv_backward: fx.Node | None = None
     grad_scale_mul: fx.Node | None = None
     """``mul(g, y)`` whose reduction is the scale's gradient."""
@@ -57,6 +59,16 @@ class Site:
     """Users of the conv output that are neither the affine nor its recognised backward."""
     backward_problem: str | None = None
     """Set when backward nodes exist but do not have the shape autograd gives them."""
+    mutated_operands: list[str] = dataclasses.field(default_factory=list)
+    """Graph inputs of this site that the graph mutates (training graphs only)."""
+
+    def refresh(self) -> None:
+        """Re-read scale and shift from the live graph: folding an earlier site in the same
+        round may have replaced the node one of them was (e.g. a shift that is another
+        site's output)."""
+        self.scale = _other(self.mul, self.conv)
+        if self.shift_node is not None:
+            self.shift = _other(self.shift_node, self.mul)
 
     @property
     def tail(self) -> fx.Node:
@@ -91,7 +103,7 @@ for _pattern in (CallFunction(aten.mul.Tensor, _conv, Arg()), CallFunction(aten.
     register_graph_pattern(_pattern, pass_dict=_MATCHER)(_collect)
 
 
-def find_sites(gm: fx.GraphModule) -> list[Site]:
+def find_sites(gm: fx.GraphModule, mutated_input_indices: frozenset[int] | None = None) -> list[Site]:
     """All conv -> mul anchors in ``gm``, extended to their shift and backward nodes."""
     _found.clear()
     try:
@@ -103,6 +115,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     anchors.sort(key=lambda cm: order[cm[1]])
     backward = backward_region(gm.graph)
+    mutated = mutated_inputs(gm.graph, mutated_input_indices) if backward else set()
     seen: set[fx.Node] = set()
     sites = []
     for conv, mul in anchors:
@@ -110,8 +123,28 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         if mul in seen or mul in backward:
             continue
         seen.add(mul)
-        sites.append(_build_site(conv, mul, backward))
+        site = _build_site(conv, mul, backward)
+        operands = {**site.conv_args, "scale": site.scale, "shift": site.shift}
+        site.mutated_operands = [k for k, v in operands.items() if isinstance(v, fx.Node) and v in mutated]
+        sites.append(site)
     return sites
+
+
+def mutated_inputs(graph: fx.Graph, mutated_input_indices: frozenset[int] | None) -> set[fx.Node]:
+    """Joint-graph inputs that the compiled code mutates after the forward (a buffer
+    updated in place). A fold saves x, W and b for backward where autograd saved the conv
+    output, and the runtime would then hand backward the mutated values.
+
+    ``mutated_input_indices`` index the Dynamo graph's inputs, which are AOTAutograd's
+    flat inputs in order; if the joint graph's inputs do not line up one to one, every
+    input counts as mutated (no fold in that graph is worth a wrong gradient).
+    """
+    if not mutated_input_indices:
+        return set()
+    primals = [n for n in graph.nodes if n.op == "placeholder" and "tangents" not in str(n.target)]
+    if max(mutated_input_indices) >= len(primals):
+        return set(primals)
+    return {primals[i] for i in mutated_input_indices}
 
 
 def backward_region(graph: fx.Graph) -> set[fx.Node]:
@@ -147,9 +180,6 @@ def _build_site(conv: fx.Node, mul: fx.Node, backward: set[fx.Node]) -> Site:
     if site.grad_scale_mul is not None:
         _attach_scale_grad(site)
     _attach_conv_backward(site, backward)
-    if site.grad_scale_mul is not None and site.conv_backward is not None:
-        if site.grad is not _other(site.grad_scale_mul, site.saved_conv):
-            site.backward_problem = "backward uses of the affine disagree on its gradient"
     return site
 
 
@@ -187,6 +217,13 @@ def _attach_scale_grad(site: Site) -> None:
         site.backward_problem = "scale gradient is not a plain reduction of grad * conv output"
 
 
+def _through_cast(node: Any) -> Any:
+    """Under autocast the conv's gradient is ``mul(g, s)`` cast down to the conv's dtype."""
+    if isinstance(node, fx.Node) and node.target is torch.ops.prims.convert_element_type.default:
+        return node.args[0]
+    return node
+
+
 def _attach_conv_backward(site: Site, backward: set[fx.Node]) -> None:
     """Find ``convolution_backward(mul(g, s), x, W, ...)`` belonging to this conv."""
     a = site.conv_args
@@ -197,12 +234,22 @@ def _attach_conv_backward(site: Site, backward: set[fx.Node]) -> None:
         grad_out, x, w, _bias_sizes, *config = user.args
         if x is not a["x"] or w is not a["weight"] or list(config[:6]) != list(site.conv.args[3:9]):
             continue
+        grad_out = _through_cast(grad_out)
         if not (isinstance(grad_out, fx.Node) and grad_out.target is aten.mul.Tensor):
             continue
         if site.scale not in grad_out.args[:2]:
             continue
+        # Another conv with the same input, weight and scale has a backward of this very
+        # shape; when the scale's gradient told us g, only a backward fed g * s is ours.
+        if site.grad is not None and _other(grad_out, site.scale) is not site.grad:
+            continue
         found.append(user)
+    twins = [u for u in a["weight"].users if u is not site.conv and u.target is aten.convolution.default
+             and u.args[0] is a["x"] and list(u.args[3:]) == list(site.conv.args[3:])]  # fmt: skip
     if not found:
+        return
+    if site.grad is None and twins:
+        site.backward_problem = "another conv with the same input and weight: its backward is indistinguishable"
         return
     if len(found) > 1:
         site.backward_problem = "several convolution_backward nodes could belong to this conv"
@@ -210,10 +257,11 @@ def _attach_conv_backward(site: Site, backward: set[fx.Node]) -> None:
     cb = found[0]
     # ``grad_in`` may have other readers (in a chain, the previous shift's gradient sums
     # it); the rewrite stops feeding it to the conv and leaves it to them.
-    grad_in = cb.args[0]
+    grad_in = _through_cast(cb.args[0])
     g = _other(grad_in, site.scale)
     if site.grad is None:
         site.grad = g
     site.conv_backward, site.grad_conv_input = cb, grad_in
+    site.grad_cast = cb.args[0] if cb.args[0] is not grad_in else None
     if any(u.target is not operator.getitem for u in cb.users):
         site.backward_problem = "convolution_backward result used other than by index"
