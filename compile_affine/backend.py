@@ -12,6 +12,7 @@ from torch._inductor.custom_graph_pass import get_custom_graph_passes
 
 from . import report
 from .passes.fold import AffineFoldError, AffineFoldPass
+from .passes.sites import InputMutations
 from .settings import Settings, split_options
 
 log = logging.getLogger("compile_affine")
@@ -52,7 +53,7 @@ def backend(
     return compiled
 
 
-def mutated_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
+def mutated_inputs(gm: torch.fx.GraphModule) -> InputMutations:
     """Indices of Dynamo graph inputs that the graph may mutate in place.
 
     Conservative on purpose: any input (or view of it) passed first to an op whose name
@@ -75,7 +76,7 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
         # Views share storage: a mutation through a view mutates the input.
         if args and args[0] in aliases and name in _VIEW_OPS:
             aliases[node] = aliases[args[0]]
-    return frozenset(mutated)
+    return InputMutations(inputs=len(placeholders), mutated=frozenset(mutated))
 
 
 _INPLACE_OPERATORS = {"setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "ipow", "iand", "ior", "ixor"}

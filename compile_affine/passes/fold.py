@@ -14,7 +14,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from .. import report
 from ..settings import Settings
 from . import cost, legality, rewrite
-from .sites import Site, backward_region, find_sites
+from .sites import InputMutations, Site, backward_region, find_sites
 
 log = logging.getLogger("compile_affine")
 
@@ -29,25 +29,25 @@ class AffineFoldError(RuntimeError):
 
 
 class AffineFoldPass(CustomGraphPass):
-    def __init__(self, settings: Settings, mutated_input_indices: frozenset[int] = frozenset()):
+    def __init__(self, settings: Settings, mutations: InputMutations = InputMutations()):
         self.settings = settings
-        self.mutated_input_indices = mutated_input_indices
+        self.mutations = mutations
         """Which inputs of the graph being compiled it mutates (see sites.mutated_inputs)."""
         self.calls = 0
 
     def uuid(self) -> bytes:
-        return get_hash_for_files(_SOURCES, extra=f"{self.settings!r} {sorted(self.mutated_input_indices)}")
+        return get_hash_for_files(_SOURCES, extra=f"{self.settings!r} {self.mutations!r}")
 
     def __call__(self, graph: fx.Graph) -> None:
         self.calls += 1
         try:
-            record = run(graph.owning_module, self.settings, self.mutated_input_indices)
+            record = run(graph.owning_module, self.settings, self.mutations)
         except Exception as e:
             raise AffineFoldError(f"compile_affine pass failed: {type(e).__name__}: {e}") from e
         report.record(record)
 
 
-def run(gm: fx.GraphModule, settings: Settings, mutated_input_indices: frozenset[int] = frozenset()) -> report.GraphRecord:
+def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = InputMutations()) -> report.GraphRecord:
     training = bool(backward_region(gm.graph))
     record = report.GraphRecord(graph_name=f"graph {next(_graph_ids)}", training=training)
     # A fold turns ``conv * s1 + t1`` into a conv, which makes a following ``* s2`` a new
@@ -55,7 +55,7 @@ def run(gm: fx.GraphModule, settings: Settings, mutated_input_indices: frozenset
     # folds nothing, so chains of affines fold into one conv.
     judged: set[fx.Node] = set()
     while True:
-        new_sites = [site for site in find_sites(gm, mutated_input_indices) if site.mul not in judged]
+        new_sites = [site for site in find_sites(gm, mutations) if site.mul not in judged]
         judged.update(site.mul for site in new_sites)
         records = [_decide_and_fold(gm.graph, site, settings) for site in new_sites]
         record.sites += records

@@ -88,6 +88,10 @@ def conv_has_metadata(site: Site) -> str | None:
     return None
 
 
+def graph_supported(site: Site) -> str | None:
+    return site.graph_problem
+
+
 def conv_output_not_reused(site: Site) -> str | None:
     return "conv output reused" if site.other_conv_users else None
 
@@ -126,6 +130,7 @@ def result_unchanged(site: Site) -> str | None:
 
 
 RULES: tuple[Callable[[Site], str | None], ...] = (
+    graph_supported,
     conv_has_metadata,
     conv_output_not_reused,
     backward_recognised,

@@ -141,26 +141,35 @@ def fold(graph: fx.Graph, site: Site) -> fx.Node:
         s_c = _per_channel(emit, site.scale, cmap.channels, w_val.device, compute)
         w_fold = emit.cast(cmap.scale(emit, emit.upcast(weight), s_c), w_val.dtype)
         emit.recompute = False
+        # Under autocast eager computed ``y * s + t`` in fp32 from a 16-bit ``y``: the result
+        # is cast up, and the shift is added after that, in fp32, not rounded into a 16-bit bias.
+        result_dtype = site.tail.meta["val"].dtype
+        shift_in_bias = site.shift is not None and result_dtype == out_dtype
+        t_c = None if site.shift is None else _per_channel(emit, site.shift, cmap.channels, w_val.device, compute)
         b_fold = None
         if bias is not None:
             b_fold = emit(aten.mul.Tensor, emit.upcast(bias), s_c)
-        if site.shift is not None:
-            t_c = _per_channel(emit, site.shift, cmap.channels, w_val.device, compute)
-            if b_fold is None:
-                b_fold = t_c if site.shift_sign > 0 else emit(aten.neg.default, t_c)
-            else:
-                b_fold = emit(aten.add.Tensor if site.shift_sign > 0 else aten.sub.Tensor, b_fold, t_c)
+        if shift_in_bias:
+            b_fold = _add_shift(emit, b_fold, t_c, site.shift_sign)
         if b_fold is not None:
             b_fold = emit.cast(b_fold, out_dtype)
         new_conv = emit(aten.convolution.default, a["x"], w_fold, b_fold, *site.conv.args[3:])
-        # Under autocast eager promoted ``y * s`` to the scale's fp32: keep that dtype.
-        result = emit.cast(new_conv, site.tail.meta["val"].dtype)
+        result = emit.cast(new_conv, result_dtype)
+        if t_c is not None and not shift_in_bias:
+            t_view = emit(aten.reshape.default, emit.cast(t_c, result_dtype), [1, cmap.channels] + [1] * (w_val.ndim - 2))
+            result = _add_shift(emit, result, t_view, site.shift_sign)
     site.tail.replace_all_uses_with(result)
 
     if site.grad is not None:
         _fold_backward(graph, site, emit, cmap, s_c, w_fold)
     _erase_dead(graph, [site.shift_node, site.mul, site.conv])
     return new_conv
+
+
+def _add_shift(emit: _Emitter, value: fx.Node | None, shift: fx.Node, sign: int) -> fx.Node:
+    if value is None:
+        return shift if sign > 0 else emit(aten.neg.default, shift)
+    return emit(aten.add.Tensor if sign > 0 else aten.sub.Tensor, value, shift)
 
 
 def _fold_backward(graph: fx.Graph, site: Site, emit: _Emitter, cmap: _ChannelMap, s_c: fx.Node, w_fold: fx.Node) -> None:

@@ -60,6 +60,8 @@ class Site:
     backward_problem: str | None = None
     """Set when backward nodes exist but do not have the shape autograd gives them."""
     mutated_operands: list[str] = dataclasses.field(default_factory=list)
+    graph_problem: str | None = None
+    """Set when something about the whole graph rules folding out."""
     """Graph inputs of this site that the graph mutates (training graphs only)."""
 
     def refresh(self) -> None:
@@ -103,7 +105,15 @@ for _pattern in (CallFunction(aten.mul.Tensor, _conv, Arg()), CallFunction(aten.
     register_graph_pattern(_pattern, pass_dict=_MATCHER)(_collect)
 
 
-def find_sites(gm: fx.GraphModule, mutated_input_indices: frozenset[int] | None = None) -> list[Site]:
+@dataclasses.dataclass(frozen=True)
+class InputMutations:
+    """What the backend saw in the Dynamo graph: how many inputs, and which it mutates."""
+
+    inputs: int = 0
+    mutated: frozenset[int] = frozenset()
+
+
+def find_sites(gm: fx.GraphModule, seen_mutations: InputMutations = InputMutations()) -> list[Site]:
     """All conv -> mul anchors in ``gm``, extended to their shift and backward nodes."""
     _found.clear()
     try:
@@ -115,7 +125,8 @@ def find_sites(gm: fx.GraphModule, mutated_input_indices: frozenset[int] | None 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     anchors.sort(key=lambda cm: order[cm[1]])
     backward = backward_region(gm.graph)
-    mutated = mutated_inputs(gm.graph, mutated_input_indices) if backward else set()
+    mutated = mutated_inputs(gm.graph, seen_mutations) if backward else set()
+    effects = next((str(n.target) for n in gm.graph.nodes if n.target is torch.ops.higher_order.with_effects), None)
     seen: set[fx.Node] = set()
     sites = []
     for conv, mul in anchors:
@@ -125,26 +136,50 @@ def find_sites(gm: fx.GraphModule, mutated_input_indices: frozenset[int] | None 
         seen.add(mul)
         site = _build_site(conv, mul, backward)
         operands = {**site.conv_args, "scale": site.scale, "shift": site.shift}
-        site.mutated_operands = [k for k, v in operands.items() if isinstance(v, fx.Node) and v in mutated]
+        # An operand may be a view of, or computed from, a mutated input (``b[:]``, ``b * 2``).
+        site.mutated_operands = [k for k, v in operands.items() if _reaches(v, mutated)]
+        site.graph_problem = effects and "graph has effectful ops: Inductor frees inputs the folded graph still needs"
         sites.append(site)
     return sites
 
 
-def mutated_inputs(graph: fx.Graph, mutated_input_indices: frozenset[int] | None) -> set[fx.Node]:
-    """Joint-graph inputs that the compiled code mutates after the forward (a buffer
-    updated in place). A fold saves x, W and b for backward where autograd saved the conv
-    output, and the runtime would then hand backward the mutated values.
+def mutated_inputs(graph: fx.Graph, seen: InputMutations) -> set[fx.Node]:
+    """Joint-graph inputs the compiled code mutates (a buffer updated in place).
 
-    ``mutated_input_indices`` index the Dynamo graph's inputs, which are AOTAutograd's
-    flat inputs in order; if the joint graph's inputs do not line up one to one, every
-    input counts as mutated (no fold in that graph is worth a wrong gradient).
+    A fold saves x, W and b for backward where autograd saved the conv output; if one is
+    updated after the forward, the folded backward reads the new value. Two sources, both
+    conservative:
+
+    * the joint graph itself: AOTAutograd keeps mutations of inputs that need no grad as
+      ``copy_(primal, new_value)`` in the graph (those would go wrong silently);
+    * ``seen``, the backend's scan of the Dynamo graph. Its inputs line
+      up with the joint graph's only when the counts match (subclass inputs, synthetic
+      bases and effect tokens add or remove inputs); if they do not, every input counts.
     """
-    if not mutated_input_indices:
-        return set()
     primals = [n for n in graph.nodes if n.op == "placeholder" and "tangents" not in str(n.target)]
-    if max(mutated_input_indices) >= len(primals):
-        return set(primals)
-    return {primals[i] for i in mutated_input_indices}
+    mutated = {
+        n.args[0] for n in graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+        and n.target._schema.is_mutable and n.args and n.args[0] in primals
+    }  # fmt: skip
+    if seen.mutated:
+        if len(primals) != seen.inputs:
+            return set(primals)
+        mutated.update(primals[i] for i in seen.mutated)
+    return mutated
+
+
+def _reaches(node: Any, targets: set[fx.Node]) -> bool:
+    """Whether ``node`` is, views, or is computed from one of ``targets``."""
+    stack, seen = [node] if isinstance(node, fx.Node) else [], set()
+    while stack:
+        n = stack.pop()
+        if n in targets:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
 
 
 def backward_region(graph: fx.Graph) -> set[fx.Node]:
