@@ -60,9 +60,9 @@ class Site:
     backward_problem: str | None = None
     """Set when backward nodes exist but do not have the shape autograd gives them."""
     mutated_operands: list[str] = dataclasses.field(default_factory=list)
+    """Operands that are, view, or are computed from inputs the graph mutates (training)."""
     graph_problem: str | None = None
     """Set when something about the whole graph rules folding out."""
-    """Graph inputs of this site that the graph mutates (training graphs only)."""
 
     def refresh(self) -> None:
         """Re-read scale and shift from the live graph: folding an earlier site in the same
@@ -126,7 +126,7 @@ def find_sites(gm: fx.GraphModule, seen_mutations: InputMutations = InputMutatio
     anchors.sort(key=lambda cm: order[cm[1]])
     backward = backward_region(gm.graph)
     mutated = mutated_inputs(gm.graph, seen_mutations) if backward else set()
-    effects = next((str(n.target) for n in gm.graph.nodes if n.target is torch.ops.higher_order.with_effects), None)
+    effectful = any(n.target is torch.ops.higher_order.with_effects for n in gm.graph.nodes)
     seen: set[fx.Node] = set()
     sites = []
     for conv, mul in anchors:
@@ -138,7 +138,8 @@ def find_sites(gm: fx.GraphModule, seen_mutations: InputMutations = InputMutatio
         operands = {**site.conv_args, "scale": site.scale, "shift": site.shift}
         # An operand may be a view of, or computed from, a mutated input (``b[:]``, ``b * 2``).
         site.mutated_operands = [k for k, v in operands.items() if _reaches(v, mutated)]
-        site.graph_problem = effects and "graph has effectful ops: Inductor frees inputs the folded graph still needs"
+        if effectful:
+            site.graph_problem = "graph has effectful ops: Inductor frees inputs the folded graph still needs"
         sites.append(site)
     return sites
 
@@ -170,7 +171,10 @@ def mutated_inputs(graph: fx.Graph, seen: InputMutations) -> set[fx.Node]:
 
 
 def _reaches(node: Any, targets: set[fx.Node]) -> bool:
-    """Whether ``node`` is, views, or is computed from one of ``targets``."""
+    """Whether ``node`` is, views, or is computed from one of ``targets``. Computed values
+    count too: the partitioner may recompute them in backward from the mutated input."""
+    if not targets:
+        return False
     stack, seen = [node] if isinstance(node, fx.Node) else [], set()
     while stack:
         n = stack.pop()
