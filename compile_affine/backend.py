@@ -48,7 +48,7 @@ def backend(
         report.record(report.GraphRecord(graph_name="fallback", training=False, fell_back=str(error)))
         return inductor(gm, example_inputs)
     if fold_pass.calls == 0:
-        # Inductor served the graph from its cache, so the pass did not run this time.
+        # AOTAutograd's cache served the graph, so the pass did not run this time.
         report.record(report.GraphRecord(graph_name="cached", training=False, cache_hit=True))
     return compiled
 

@@ -47,8 +47,9 @@ class GraphRecord:
     rank: int | None = dataclasses.field(default_factory=_rank)
     """The torch.distributed rank that compiled the graph, when a process group is up."""
     cache_hit: bool = False
-    """Inductor's FX graph cache served the graph: the pass did not run, and the
-    compiled code folds whatever the compile that filled the cache folded."""
+    """A cache (AOTAutograd's, which sits before the joint passes) served the graph: the
+    pass did not run, and the compiled code folds whatever the compile that filled the
+    cache folded. Inductor's FX graph cache sits after the pass and does not cause this."""
 
     @property
     def folded(self) -> int:

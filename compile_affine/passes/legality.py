@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .sites import Operand, Site
+from .sites import Operand, Site, reaches
 
 CHANNEL_AXIS = 1  # aten.convolution output is (N, C, *spatial)
 
@@ -62,21 +62,6 @@ def operand_problem(operand: Operand, out: torch.Tensor, what: str) -> str | Non
     return None
 
 
-def _depends_on(node: Operand, target: fx.Node) -> bool:
-    if not isinstance(node, fx.Node):
-        return False
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n is target:
-            return True
-        if n in seen or n.op == "placeholder":
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return False
-
-
 # --- the rules, in the order the report should name the first failure ---------------
 
 
@@ -111,7 +96,7 @@ def scale_per_channel(site: Site) -> str | None:
 
 
 def scale_independent_of_conv(site: Site) -> str | None:
-    return "scale is computed from the conv output" if _depends_on(site.scale, site.conv) else None
+    return "scale is computed from the conv output" if reaches(site.scale, {site.conv}) else None
 
 
 def autocast_promotion(conv: torch.dtype, out: torch.dtype) -> bool:
@@ -156,7 +141,7 @@ def shift_problem(site: Site) -> str | None:
         return None
     out = _val(site.conv)
     problem = operand_problem(site.shift, out, "shift")
-    if problem is None and _depends_on(site.shift, site.conv):
+    if problem is None and reaches(site.shift, {site.conv}):
         problem = "shift is computed from the conv output"
     tail, product = _val(site.shift_node), _val(site.mul)
     if problem is None and (tail is None or tail.dtype != product.dtype or not _same_shape(tail.shape, out.shape)):

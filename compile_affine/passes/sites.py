@@ -137,7 +137,7 @@ def find_sites(gm: fx.GraphModule, seen_mutations: InputMutations = InputMutatio
         site = _build_site(conv, mul, backward)
         operands = {**site.conv_args, "scale": site.scale, "shift": site.shift}
         # An operand may be a view of, or computed from, a mutated input (``b[:]``, ``b * 2``).
-        site.mutated_operands = [k for k, v in operands.items() if _reaches(v, mutated)]
+        site.mutated_operands = [k for k, v in operands.items() if reaches(v, mutated)]
         if effectful:
             site.graph_problem = "graph has effectful ops: Inductor frees inputs the folded graph still needs"
         sites.append(site)
@@ -170,7 +170,7 @@ def mutated_inputs(graph: fx.Graph, seen: InputMutations) -> set[fx.Node]:
     return mutated
 
 
-def _reaches(node: Any, targets: set[fx.Node]) -> bool:
+def reaches(node: Any, targets: set[fx.Node]) -> bool:
     """Whether ``node`` is, views, or is computed from one of ``targets``. Computed values
     count too: the partitioner may recompute them in backward from the mutated input."""
     if not targets:
