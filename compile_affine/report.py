@@ -37,6 +37,18 @@ class SiteRecord:
     """True when the site was legal but the cost model said folding would not pay."""
 
 
+@dataclasses.dataclass(frozen=True)
+class EpilogueRecord:
+    """A ``conv -> (+bias) -> activation`` the epilogue pass looked at (``epilogue="auto"``)."""
+
+    location: str
+    activation: str
+    output_shape: tuple
+    fused: bool
+    reason: str | None
+    """Why it was left to Inductor; None when fused."""
+
+
 @dataclasses.dataclass
 class GraphRecord:
     graph_name: str
@@ -50,10 +62,16 @@ class GraphRecord:
     """A cache (AOTAutograd's, which sits before the joint passes) served the graph: the
     pass did not run, and the compiled code folds whatever the compile that filled the
     cache folded. Inductor's FX graph cache sits after the pass and does not cause this."""
+    epilogues: list[EpilogueRecord] = dataclasses.field(default_factory=list)
+    """Conv epilogues considered for fusion (empty unless ``epilogue="auto"``)."""
 
     @property
     def folded(self) -> int:
         return sum(s.folded for s in self.sites)
+
+    @property
+    def fused_epilogues(self) -> int:
+        return sum(e.fused for e in self.epilogues)
 
     def summary(self) -> str:
         return ("" if self.rank is None else f"[rank {self.rank}] ") + self._summary()
@@ -68,6 +86,11 @@ class GraphRecord:
         if skipped:
             detail = ", ".join(f"{n}: {r}" for r, n in skipped.most_common())
             line += f" ({sum(skipped.values())} skipped: {detail})"
+        if self.epilogues:
+            line += f"; fused {self.fused_epilogues} of {len(self.epilogues)} conv epilogues"
+            left = Counter(e.reason for e in self.epilogues if not e.fused)
+            if left:
+                line += " (" + ", ".join(f"{n}: {r}" for r, n in left.most_common()) + ")"
         return line
 
 
@@ -88,6 +111,14 @@ class Report:
     @property
     def skipped(self) -> int:
         return len(self.sites) - self.folded
+
+    @property
+    def epilogues(self) -> list[EpilogueRecord]:
+        return [e for g in self.graphs for e in g.epilogues]
+
+    @property
+    def fused_epilogues(self) -> int:
+        return sum(e.fused for e in self.epilogues)
 
     def reasons(self) -> Counter:
         return Counter(s.reason for s in self.sites if not s.folded)
@@ -117,12 +148,14 @@ class Report:
         widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows)]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"{self.folded} folded, {self.skipped} skipped, {len(self.graphs)} graphs")
+        epilogues = f", {self.fused_epilogues} of {len(self.epilogues)} epilogues fused" if self.epilogues else ""
+        lines.append(f"{self.folded} folded, {self.skipped} skipped{epilogues}, {len(self.graphs)} graphs")
         lines += [g.summary() for g in self.graphs if g.fell_back or g.cache_hit]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"Report(graphs={len(self.graphs)}, folded={self.folded}, skipped={self.skipped})"
+        epilogues = f", epilogues={self.fused_epilogues}" if self.epilogues else ""
+        return f"Report(graphs={len(self.graphs)}, folded={self.folded}, skipped={self.skipped}{epilogues})"
 
 
 def _shape(shape: tuple) -> str:

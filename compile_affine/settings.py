@@ -16,6 +16,8 @@ OPTIONS_KEY = "compile_affine"
 
 FoldPolicy = Literal["auto", "always", "never"]
 _FOLD_POLICIES = ("auto", "always", "never")
+EpiloguePolicy = Literal["auto", "off"]
+_EPILOGUE_POLICIES = ("auto", "off")
 _ENV_VALUES = {"0": False, "1": True}
 
 
@@ -33,6 +35,9 @@ class Settings:
     min_activation_ratio: float = 0.5
     """``fold="auto"`` folds a site when its conv output has at least this many
     elements per weight element. Lower trades speed for saved-activation memory."""
+    epilogue: EpiloguePolicy = "off"
+    """``auto``: after folding, run ``conv -> (+bias) -> relu`` on CPU as one fused op
+    (oneDNN post-op, ``compile_affine::conv_act``); ``off``: leave it to Inductor."""
 
     def __post_init__(self) -> None:
         for name in ("enabled", "strict"):
@@ -43,6 +48,8 @@ class Settings:
             raise ValueError(f"compile_affine option 'min_activation_ratio' must be a number >= 0, got {self.min_activation_ratio!r}")
         if self.fold not in _FOLD_POLICIES:
             raise ValueError(f"compile_affine option 'fold' must be one of {_FOLD_POLICIES}, got {self.fold!r}")
+        if self.epilogue not in _EPILOGUE_POLICIES:
+            raise ValueError(f"compile_affine option 'epilogue' must be one of {_EPILOGUE_POLICIES}, got {self.epilogue!r}")
 
 
 ACCEPTED_KEYS = tuple(f.name for f in dataclasses.fields(Settings))

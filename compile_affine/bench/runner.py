@@ -19,7 +19,7 @@ import compile_affine
 
 from .measure import saved_for_backward
 
-BACKENDS = ("eager", "inductor", "compile_affine", "compile_affine-always")
+BACKENDS = ("eager", "inductor", "compile_affine", "compile_affine-always", "compile_affine-epilogue")
 
 
 @dataclasses.dataclass
@@ -59,7 +59,9 @@ def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
     if backend == "inductor":
         return torch.compile(model)
     fold = "always" if backend.endswith("-always") else "auto"
-    return torch.compile(model, backend="compile_affine", options={"compile_affine": {**settings, "fold": fold}})
+    epilogue = "auto" if backend.endswith("-epilogue") else "off"
+    ours = {**settings, "fold": fold, "epilogue": epilogue}
+    return torch.compile(model, backend="compile_affine", options={"compile_affine": ours})
 
 
 def progress(msg: str) -> None:
@@ -119,6 +121,8 @@ class Runner:
             v.compile_s = time.perf_counter() - t0
         report = compile_affine.report()
         v.folds = f"{report.folded}/{len(report.sites)}" if v.backend.startswith("compile_affine") else "-"
+        if report.epilogues:
+            v.folds += f" +{report.fused_epilogues}/{len(report.epilogues)} epi"
         for _ in range(warmup):
             self._fwd_bwd(v)
         if not self.inference:

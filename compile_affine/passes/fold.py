@@ -14,13 +14,14 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from .. import report
 from ..settings import Settings
 from . import cost, legality, rewrite
+from .epilogue import fuse_epilogues
 from .sites import InputMutations, Site, backward_region, find_sites
 
 log = logging.getLogger("compile_affine")
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
 # Everything that can change what the pass emits; a change to any of them must miss the cache.
-_SOURCES = tuple(sorted(str(p) for p in (*_PACKAGE.glob("passes/*.py"), _PACKAGE / "settings.py")))
+_SOURCES = tuple(sorted(str(p) for p in (*_PACKAGE.glob("passes/*.py"), _PACKAGE / "settings.py", _PACKAGE / "ops.py")))
 _graph_ids = itertools.count()
 
 
@@ -64,6 +65,8 @@ def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = Inpu
     if record.folded:
         gm.graph.lint()
         gm.recompile()
+    if settings.epilogue == "auto":
+        record.epilogues = fuse_epilogues(gm, _location)
     return record
 
 
