@@ -1,5 +1,5 @@
-"""Affine forms users write: method calls, in-place, scalars, chains, shared scales.
-(``torch.addcmul`` and division are not folded yet: they stay as stock Inductor runs them.)"""
+"""Affine forms users write: method calls, in-place, division, addcmul, bare shifts,
+scalars, chains, shared scales. (Linear-layer forms are in test_linear.py.)"""
 
 import pytest
 import torch
@@ -34,6 +34,16 @@ FORMS = {
     "(C,1,1) shift, (C,) viewed scale": (lambda m, x: m.convs[0](x) * m.s2.view(-1, 1, 1) - m.t2, 1),
     "chain": (lambda m, x: ((m.convs[0](x) * m.s1 + m.t1) * m.s2.view(-1, 1, 1)) - m.t2, 2),
     "chain of scales": (lambda m, x: m.convs[0](x) * m.s1 * m.s0 * 2.0, 3),
+    "x / s": (lambda m, x: m.convs[0](x) / m.s1, 1),
+    "x / python scalar": (lambda m, x: m.convs[0](x) / 3.0, 1),
+    "addcmul(t, x, s)": (lambda m, x: torch.addcmul(m.t1, m.convs[0](x), m.s1), 1),
+    "addcmul(t, s, x)": (lambda m, x: torch.addcmul(m.t2, m.s2.view(-1, 1, 1), m.convs[0](x)), 1),
+    "x - t": (lambda m, x: m.convs[0](x) - m.t1, 1),
+    "t + x": (lambda m, x: m.t2 + m.convs[0](x), 1),
+    "issue chain ((x*s1 + t1) * s2) / s3 - t2": (
+        lambda m, x: ((m.convs[0](x) * m.s1 + m.t1) * m.s2.view(-1, 1, 1)) / m.s0 - m.t2,
+        3,
+    ),
     "shared scale": (lambda m, x: m.convs[0](x) * m.s1 + m.convs[1](x) * m.s1, 2),
 }
 
@@ -59,3 +69,31 @@ def test_chain_leaves_one_conv_and_no_multiply_on_activations():
     convs = [n for n in after.graph.nodes if n.target is torch.ops.aten.convolution.default]
     assert len(convs) == 1
     assert [u.target for u in convs[0].users] == [torch.ops.aten.relu.default]
+
+
+def test_addcmul_with_a_per_sample_shift_folds_the_scale_and_adds_the_shift_back():
+    class PerSampleShift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 6, 3, padding=1)
+            self.s = nn.Parameter(torch.rand(1, 6, 1, 1) + 0.5)
+
+        def forward(self, x):
+            return torch.addcmul(x.mean((1, 2, 3), keepdim=True), self.conv(x), self.s)
+
+    check_against_eager(PerSampleShift(), torch.randn(2, 4, 7, 7, requires_grad=True), pass_backend(ALWAYS))
+    (site,) = compile_affine.report().graphs[0].sites
+    assert site.folded
+
+
+def test_residual_add_is_not_a_site():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x) + x)
+
+    check_against_eager(Residual(), torch.randn(2, 4, 7, 7, requires_grad=True), pass_backend(ALWAYS))
+    assert compile_affine.report().graphs[0].sites == []

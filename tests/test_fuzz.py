@@ -1,5 +1,6 @@
-"""Differential fuzzing: random small conv -> affine models, legal and illegal, checked
-against eager (forward and every gradient) and against the expected fold decision.
+"""Differential fuzzing: random small conv -> affine and linear -> views -> affine
+models, legal and illegal, checked against eager (forward and every gradient) and
+against the expected fold decision.
 
 The models run in float64: the fold is exact algebra, so in float64 it must agree with
 eager to ~1e-12 whatever the conditioning (fp32 comparisons of tiny, cancelling
@@ -55,6 +56,7 @@ def configs(draw):
         sub=draw(st.booleans()),
         chain=draw(st.sampled_from(["none", "none", "channel", "python"])),
         scale_first=draw(st.booleans()),
+        op=draw(st.sampled_from(["mul", "mul", "div", "addcmul", "shift_only"])),
         extra_user=draw(st.integers(0, 5)) == 0,
         requires=draw(st.lists(st.booleans(), min_size=5, max_size=5)),  # x, W, b, s, t
         inference=draw(st.integers(0, 4)) == 0,
@@ -85,9 +87,17 @@ class Fuzzed(torch.nn.Module):
         else:
             y = conv(x, self.weight, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
         s = self.scale() if callable(self.scale) else self.scale
-        z = s * y if c["scale_first"] else y * s
-        if self.shift is not None:
-            t = self.shift() if callable(self.shift) else self.shift
+        t = self.shift() if callable(self.shift) else self.shift
+        if c["op"] == "addcmul" and isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):
+            z = torch.addcmul(t, y, s)
+            t = None
+        elif c["op"] == "shift_only" and t is not None:
+            z = y
+        elif c["op"] == "div":
+            z = y / s
+        else:
+            z = s * y if c["scale_first"] else y * s
+        if t is not None:
             z = z - t if c["sub"] else z + t
         if self.chain is not None:
             z = z * self.chain
@@ -123,6 +133,8 @@ def _operand(kind, out_shape, requires_grad, module):
 
 
 def expected_fold(cfg, out_shape) -> bool:
+    if cfg["op"] == "shift_only" and cfg["shift"] != "none":
+        return cfg["shift"] != "per_sample" and not cfg["extra_user"]
     if cfg["extra_user"] or cfg["scale"] in ILLEGAL_SCALES:
         # A size-1 axis makes a "spatial" or "last axis" scale per-channel after all.
         legal_by_size = cfg["scale"] in ("spatial", "last_axis") and all(s == 1 for s in out_shape[2:])
@@ -186,3 +198,141 @@ def _check(cfg):
             assert gc is None
         else:
             assert_close_rel(gc, ge, 1e-8, "gradient")
+
+
+# --- linear layers -------------------------------------------------------------------
+
+LINEAR_CHAINS = ("none", "to_channels_first", "transpose", "flatten", "split")
+LINEAR_SCALES = ("feature", "python", "zero_dim", "per_sample", "token")
+
+
+@st.composite
+def linear_configs(draw):
+    return dict(
+        lead=draw(st.lists(st.integers(1, 4), min_size=0, max_size=2)),
+        cin=draw(st.integers(2, 5)),  # Inductor turns a K=1 mm into a multiply: no linear left
+        cout=draw(st.sampled_from([1, 2, 4, 6])),
+        bias=draw(st.booleans()),
+        chain=draw(st.sampled_from(LINEAR_CHAINS)),
+        scale=draw(st.sampled_from(LINEAR_SCALES)),
+        op=draw(st.sampled_from(["mul", "mul", "mul_", "div", "addcmul"])),
+        shift=draw(st.sampled_from(["none", "feature", "python"])),
+        scale_first=draw(st.booleans()),
+        extra_user=draw(st.integers(0, 5)) == 0,
+        requires=draw(st.lists(st.booleans(), min_size=5, max_size=5)),  # x, W, b, s, t
+        inference=draw(st.integers(0, 4)) == 0,
+    )
+
+
+def _chain(y, kind, cout):
+    """Views between the linear and the scale; returns the view and its feature axis."""
+    last = y.ndim - 1
+    if kind == "to_channels_first" and y.ndim >= 3:
+        return y.permute(0, last, *range(1, last)), 1
+    if kind == "transpose" and y.ndim >= 2:
+        return y.transpose(-1, -2), last - 1
+    if kind == "flatten":
+        return y.reshape(-1, cout), 1
+    if kind == "split" and cout % 2 == 0 and cout > 2:
+        return y.reshape(*y.shape[:-1], 2, cout // 2), None
+    return y, last
+
+
+class FuzzedLinear(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        req = c["requires"]
+        self.fc = torch.nn.Linear(c["cin"], c["cout"], bias=c["bias"])
+        self.fc.weight.requires_grad_(req[1])
+        if c["bias"]:
+            self.fc.bias.requires_grad_(req[2])
+        self.s = torch.nn.Parameter(torch.rand(c["cout"]) + 0.5, requires_grad=req[3])
+        self.t = torch.nn.Parameter(torch.randn(c["cout"]), requires_grad=req[4])
+        self.per_sample = torch.nn.Parameter(torch.rand(1) + 0.5, requires_grad=req[3])
+
+    def operand(self, kind, param, z, axis):
+        if kind == "python":
+            return 0.6
+        if kind == "zero_dim":
+            return param[0]
+        shape = [1] * z.ndim
+        if kind == "per_sample":
+            shape[0] = z.shape[0]
+            return torch.linspace(0.5, 1.5, z.shape[0], dtype=param.dtype).reshape(shape) * self.per_sample.mean()
+        if kind == "token":
+            other = next((d for d in range(z.ndim) if d != axis and z.shape[d] > 1), None)
+            if other is None:
+                return param.mean()
+            shape[other] = z.shape[other]
+            return torch.linspace(0.5, 1.5, z.shape[other], dtype=param.dtype).reshape(shape) * param.mean()
+        if axis is None:  # split: one value per feature, as the split shape
+            return param.reshape(z.shape[-2:])
+        shape[axis] = z.shape[axis]
+        return param.reshape(shape)
+
+    def forward(self, x):
+        c = self.c
+        y = self.fc(x)
+        z, axis = _chain(y, c["chain"], c["cout"])
+        s = self.operand(c["scale"], self.s, z, axis)
+        t = None if c["shift"] == "none" else self.operand(c["shift"], self.t, z, axis)
+        if c["op"] == "addcmul" and isinstance(s, torch.Tensor) and t is not None and isinstance(t, torch.Tensor):
+            out = torch.addcmul(t, z, s)
+        else:
+            if c["op"] == "div":
+                out = z / s
+            elif c["op"] == "mul_":
+                out = z.mul_(s)  # the extra user below then reads the scaled values
+            else:
+                out = s * z if c["scale_first"] else z * s
+            if t is not None:
+                out = out + t
+        if c["extra_user"]:
+            out = out + z.mean()
+        return torch.tanh(out)
+
+
+def expected_linear_fold(c, x_shape) -> bool:
+    if c["extra_user"] and c["op"] != "mul_":
+        return False
+    z, axis = _chain(torch.empty(*x_shape[:-1], c["cout"]), c["chain"], c["cout"])
+    if axis is None:
+        return False  # the view splits the features
+    if c["scale"] == "per_sample" and z.shape[0] > 1:
+        return False
+    if c["scale"] == "token" and any(z.shape[d] > 1 for d in range(z.ndim) if d != axis):
+        return False
+    # The scale's gradient is rebuilt from the weight's: with a frozen weight the
+    # multiply stays.
+    scale_needs_grad = c["scale"] != "python" and c["requires"][3] and not c["inference"]
+    return not (scale_needs_grad and not c["requires"][1])
+
+
+@given(linear_configs())
+def test_fuzz_linear_against_eager(cfg):
+    torch._dynamo.reset()
+    compile_affine.reset()
+    torch.manual_seed(0)
+    with _default_dtype(torch.float64):
+        c = cfg
+        x = torch.randn(*c["lead"], 3, c["cin"], requires_grad=c["requires"][0] and not c["inference"])
+        model = FuzzedLinear(c)
+        compiled = torch.compile(model, backend=pass_backend(ALWAYS))
+        with torch.inference_mode(c["inference"]):
+            out_c = compiled(x)
+            out_e = model(x)
+        assert_close_rel(out_c, out_e, 1e-10, "forward")
+        if not (c["inference"] or not out_e.requires_grad):
+            g = torch.randn_like(out_e)
+            inputs = [t for t in (x, *model.parameters()) if t.requires_grad]
+            grads_c = torch.autograd.grad(out_c, inputs, g, allow_unused=True)
+            grads_e = torch.autograd.grad(out_e, inputs, g, allow_unused=True)
+            for gc, ge in zip(grads_c, grads_e):
+                if ge is None:
+                    assert gc is None
+                else:
+                    assert_close_rel(gc, ge, 1e-8, "gradient")
+        sites = compile_affine.report().graphs[0].sites
+        first = next(s for s in sites if s.producer == "linear")
+        assert first.folded == expected_linear_fold(c, x.shape), (first.reason, c)

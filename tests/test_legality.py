@@ -61,12 +61,14 @@ def test_every_rule_has_a_reason_string():
     # The report can only explain a skip if every rule speaks; this pins the list.
     assert [r.__name__ for r in legality.RULES] == [
         "graph_supported",
-        "conv_has_metadata",
-        "conv_output_not_reused",
+        "has_metadata",
+        "producer_reaches_scale",
+        "bias_per_feature",
+        "output_not_reused",
         "backward_recognised",
         "inputs_not_mutated",
         "scale_per_channel",
-        "scale_independent_of_conv",
+        "scale_independent_of_output",
         "result_unchanged",
     ]
 

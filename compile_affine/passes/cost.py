@@ -49,12 +49,9 @@ def _numel(val: torch.Tensor) -> int:
 
 
 def estimate(site: Site, min_ratio: float) -> Estimate:
-    weight = site.conv_args["weight"]
-    needs_scale_grad = site.grad_scale_sum is not None
-    weight_grad_computed = site.conv_backward is not None and bool(site.conv_backward.args[-1][1])
     return Estimate(
-        activation_elems=_numel(site.conv.meta["val"]),
-        weight_elems=_numel(weight.meta["val"]),
-        adds_weight_grad_conv=needs_scale_grad and not weight_grad_computed,
+        activation_elems=_numel(site.y.meta["val"]),
+        weight_elems=_numel(site.weight.meta["val"]),
+        adds_weight_grad_conv=site.grad_scale_sum is not None and not site.computes_weight_grad(),
         min_ratio=min_ratio,
     )

@@ -10,6 +10,7 @@ import re
 
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.pattern_matcher import stable_topological_sort
 
 from .. import report
 from ..settings import Settings
@@ -56,13 +57,16 @@ def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = Inpu
     # folds nothing, so chains of affines fold into one conv.
     judged: set[fx.Node] = set()
     while True:
-        new_sites = [site for site in find_sites(gm, mutations) if site.mul not in judged]
-        judged.update(site.mul for site in new_sites)
+        new_sites = [site for site in find_sites(gm, mutations)
+                     if site.mul not in judged and not site.mul.meta.get(rewrite.JUDGED)]  # fmt: skip
+        # A shift judged with its multiply (and left as an add) is not a new site later.
+        judged.update(n for site in new_sites for n in (site.mul, site.shift_node) if n is not None)
         records = [_decide_and_fold(gm.graph, site, settings) for site in new_sites]
         record.sites += records
         if not any(r.folded for r in records):
             break
     if record.folded:
+        stable_topological_sort(gm.graph)  # a linear fold emits nodes where their inputs are not all defined yet
         gm.graph.lint()
         gm.recompile()
     if settings.epilogue == "auto":
@@ -72,10 +76,12 @@ def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = Inpu
 
 def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.SiteRecord:
     site.refresh()
-    if legality.shift_problem(site):
-        site.shift = site.shift_node = None  # fold the multiply alone; the add stays
+    shift_problem = legality.shift_problem(site)
+    if shift_problem and not site.shift_only:
+        site.drop_shift()  # fold the multiply alone; the add stays
     facts = _facts(site)  # before the rewrite erases the nodes
-    reason = legality.check(site)
+    reason = shift_problem if site.shift_only else None
+    reason = reason or legality.check(site)
     declined = False
     if reason is None and settings.fold == "never":
         reason = "fold='never'"
@@ -97,8 +103,8 @@ def _facts(site: Site) -> dict:
     return dict(
         location=_location(site.mul),
         producer=site.producer,
-        output_shape=shape(site.conv),
-        weight_shape=shape(site.conv_args["weight"]),
+        output_shape=shape(site.y),
+        weight_shape=shape(site.weight),
         scale_shape=shape(site.scale),
     )
 

@@ -1,9 +1,11 @@
 """When folding is provably exact. Every rule is a small function returning ``None``
 (fine) or a short reason that ends up in the report.
 
-The algebra ``conv(x, W, b) * s + t == conv(x, W * s, b * s + t)`` holds when ``s`` and
-``t`` are constant over the batch and spatial axes, the conv output has no other
-reader, and the multiply neither promotes the dtype nor broadcasts to a new shape.
+The algebra ``conv(x, W, b) * s + t == conv(x, W * s, b * s + t)`` (and its linear
+twin, ``(A @ B + b) * s + t == A @ (B * s) + (b * s + t)``) holds when ``s`` and ``t``
+are constant over every axis but the channel (feature) axis, the producer's output has
+no other reader, and the multiply neither promotes the dtype nor broadcasts to a new
+shape.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .sites import Operand, Site, reaches
+from .sites import LinearSite, Operand, Site, reaches
 
 CHANNEL_AXIS = 1  # aten.convolution output is (N, C, *spatial)
 
@@ -37,8 +39,8 @@ def _same_shape(a, b) -> bool:
     return len(a) == len(b) and all(_known_equal(x, y) for x, y in zip(a, b))
 
 
-def operand_problem(operand: Operand, out: torch.Tensor, what: str) -> str | None:
-    """Is ``operand`` one value per output channel (or one value overall)?"""
+def operand_problem(operand: Operand, out: torch.Tensor, what: str, axis: int = CHANNEL_AXIS) -> str | None:
+    """Is ``operand`` one value per output channel (``out``'s ``axis``), or one value overall?"""
     if isinstance(operand, bool) or not isinstance(operand, (int, float, fx.Node)):
         return f"{what} is not a tensor or a real number"
     if not isinstance(operand, fx.Node):
@@ -52,23 +54,23 @@ def operand_problem(operand: Operand, out: torch.Tensor, what: str) -> str | Non
     for dim, size in enumerate(shape):
         if _known_one(size):
             continue
-        if dim == CHANNEL_AXIS:
-            if _known_equal(size, out.shape[CHANNEL_AXIS]):
+        if dim == axis:
+            if _known_equal(size, out.shape[axis]):
                 continue
-            return f"{what} size {size} does not match {out.shape[CHANNEL_AXIS]} channels"
+            return f"{what} size {size} does not match {out.shape[axis]} channels"
         if dim == 0:
             return f"{what} varies per sample"
-        return f"{what} varies along spatial dim {dim}, not the channel axis"
+        return f"{what} varies along {'spatial ' if axis == CHANNEL_AXIS else ''}dim {dim}, not the channel axis"
     return None
 
 
 # --- the rules, in the order the report should name the first failure ---------------
 
 
-def conv_has_metadata(site: Site) -> str | None:
-    if _val(site.conv) is None or _val(site.conv_args["weight"]) is None or _val(site.tail) is None:
+def has_metadata(site: Site) -> str | None:
+    if _val(site.y) is None or _val(site.weight) is None or _val(site.tail) is None:
         return "missing tensor metadata"
-    if not all(isinstance(d, int) for d in _val(site.conv_args["weight"]).shape):
+    if not all(isinstance(d, int) for d in _val(site.weight).shape):
         return "weight shape is symbolic"
     return None
 
@@ -77,8 +79,15 @@ def graph_supported(site: Site) -> str | None:
     return site.graph_problem
 
 
-def conv_output_not_reused(site: Site) -> str | None:
-    return "conv output reused" if site.other_conv_users else None
+def producer_reaches_scale(site: Site) -> str | None:
+    """A linear's output must reach the scale through views that keep the feature axis whole."""
+    return site.producer_problem
+
+
+def output_not_reused(site: Site) -> str | None:
+    if site.other_users:
+        return f"{'linear' if isinstance(site, LinearSite) else 'conv'} output reused"
+    return None
 
 
 def backward_recognised(site: Site) -> str | None:
@@ -92,11 +101,23 @@ def inputs_not_mutated(site: Site) -> str | None:
 
 
 def scale_per_channel(site: Site) -> str | None:
-    return operand_problem(site.scale, _val(site.conv), "scale")
+    return operand_problem(site.scale, _val(site.y), "scale", site.axis)
 
 
-def scale_independent_of_conv(site: Site) -> str | None:
-    return "scale is computed from the conv output" if reaches(site.scale, {site.conv}) else None
+def scale_independent_of_output(site: Site) -> str | None:
+    return "scale is computed from the output it scales" if reaches(site.scale, site.produced) else None
+
+
+def bias_per_feature(site: Site) -> str | None:
+    """A linear's bias is scaled with the weight: it must be one value per feature too."""
+    for host, index, axis in getattr(site, "biases", ()):
+        bias = host.args[index]
+        problem = operand_problem(bias, _val(host), "bias", axis)
+        if problem is None and reaches(bias, site.produced):
+            problem = "bias is computed from the linear's output"
+        if problem:
+            return problem
+    return None
 
 
 def autocast_promotion(conv: torch.dtype, out: torch.dtype) -> bool:
@@ -106,7 +127,7 @@ def autocast_promotion(conv: torch.dtype, out: torch.dtype) -> bool:
 
 
 def result_unchanged(site: Site) -> str | None:
-    conv, out = _val(site.conv), _val(site.tail)
+    conv, out = _val(site.y), _val(site.tail)
     if out.dtype != conv.dtype and not autocast_promotion(conv.dtype, out.dtype):
         return f"fold would change result dtype ({conv.dtype} -> {out.dtype})"
     if not _same_shape(out.shape, conv.shape):
@@ -116,12 +137,14 @@ def result_unchanged(site: Site) -> str | None:
 
 RULES: tuple[Callable[[Site], str | None], ...] = (
     graph_supported,
-    conv_has_metadata,
-    conv_output_not_reused,
+    has_metadata,
+    producer_reaches_scale,
+    bias_per_feature,
+    output_not_reused,
     backward_recognised,
     inputs_not_mutated,
     scale_per_channel,
-    scale_independent_of_conv,
+    scale_independent_of_output,
     result_unchanged,
 )
 
@@ -139,11 +162,16 @@ def shift_problem(site: Site) -> str | None:
     """Whether the absorbed add/sub may join the fold. If not, only the multiply folds."""
     if site.shift is None:
         return None
-    out = _val(site.conv)
-    problem = operand_problem(site.shift, out, "shift")
-    if problem is None and reaches(site.shift, {site.conv}):
-        problem = "shift is computed from the conv output"
-    tail, product = _val(site.shift_node), _val(site.mul)
-    if problem is None and (tail is None or tail.dtype != product.dtype or not _same_shape(tail.shape, out.shape)):
+    out = _val(site.y)
+    problem = operand_problem(site.shift, out, "shift", site.axis)
+    if problem is None and reaches(site.shift, site.produced):
+        problem = "shift is computed from the output it shifts"
+    tail = _val(site.tail)
+    # The add must not promote: for addcmul, the result has the shift's dtype.
+    product = _val(site.shift) if site.fused_shift and isinstance(site.shift, fx.Node) else _val(site.mul)
+    if problem is None and (tail is None or product is None or tail.dtype != product.dtype
+                            or not _same_shape(tail.shape, out.shape)):  # fmt: skip
         problem = "shift would change result dtype or shape"
+    if problem is None and site.shift_only and tail.dtype != out.dtype:
+        problem = "shift promotes the result dtype"  # the bias would have to be wider than the conv
     return problem
