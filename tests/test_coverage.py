@@ -140,3 +140,50 @@ def test_autocast_through_inductor():
     for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
         assert_close_rel(p.grad, p_ref.grad, 2e-2, f"grad {name}")
     assert compile_affine.report().graphs[0].folded == 1
+
+
+def test_channels_last_3d():
+    model = torch.nn.Sequential(torch.nn.Conv3d(3, 6, 3, padding=1), Affine(6), torch.nn.Tanh())
+    model = model.double().to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 3, 5, 6, 4, dtype=torch.float64).to(memory_format=torch.channels_last_3d).requires_grad_()
+    check_against_eager(model, x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
+    assert compile_affine.report().graphs[0].folded == 1
+
+
+class Affine(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.rand(c) + 0.5)
+        self.t = torch.nn.Parameter(torch.randn(c))
+
+    def forward(self, y):
+        view = (1, -1) + (1,) * (y.dim() - 2)
+        return y * self.s.view(view) + self.t.view(view)
+
+
+@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
+def test_layerscale_dynamic_shapes_fold_without_recompiles(how):
+    from compile_affine.settings import Settings
+
+    from .test_linear import FORMS, LinearScale
+
+    def compiles(settings):
+        torch._dynamo.reset()
+        compile_affine.reset()
+        model = LinearScale(FORMS["NHWC linear, permute to NCHW, (1, C, 1, 1) scale"][0])
+        compiled = torch.compile(model, backend=pass_backend(settings), dynamic=True if how == "dynamic=True" else None)
+        for shape in [(2, 8, 3, 3), (3, 8, 5, 4), (5, 8, 2, 7)]:
+            x = torch.randn(shape)
+            if how == "mark_dynamic":
+                for dim in (0, 2, 3):
+                    torch._dynamo.mark_dynamic(x, dim)
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        return compile_affine.report().graphs
+
+    # Dynamo itself recompiles this model once under dynamic=True (it does so with the
+    # pass folding nothing too); the fold must add no recompile of its own.
+    baseline = compiles(Settings(fold="never", strict=True))
+    graphs = compiles(ALWAYS)
+    assert len(graphs) == len(baseline), "fold decisions must not add guards that recompile"
+    assert all(g.folded == 1 for g in graphs)
