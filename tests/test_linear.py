@@ -241,3 +241,22 @@ return ['view_default', 'view_5', 'permute_4', 'view_4', 'view_2']""")
                            and n.meta["val"].numel() >= 10 * 6]  # fmt: skip
         assert not activation_muls
         assert count(after, aten.addmm.default) == 1
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_weight_shared_by_a_second_linear_call(input_grad):
+    """The same nn.Linear applied twice, only once scaled: the other call's input
+    gradient must keep reading the unscaled weight (``W.t()`` may be one shared node)."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 6)
+            self.gamma = nn.Parameter(torch.rand(6) + 0.5)
+
+        def forward(self, x):
+            return torch.tanh(self.fc(x) * self.gamma + self.fc(x * 2))
+
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=input_grad)
+    check_against_eager(Tied().double(), x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
+    assert compile_affine.report().graphs[0].folded == 1

@@ -367,9 +367,10 @@ def _fold_linear_backward(graph: fx.Graph, site: LinearSite, emit: _Emitter, s_c
     with graph.inserting_before(gy):
         g = emit.cast(g, gy.meta["val"].dtype)
     gy.replace_all_uses_with(g)
-    for bt in site.grad_input_weights:
-        with graph.inserting_before(bt):
-            bt.replace_all_uses_with(emit(bt.target, w_fold, *bt.args[1:]))
+    old_bts = [mm.args[1] for mm in site.grad_input_mms]
+    for mm, bt in zip(site.grad_input_mms, old_bts):
+        with graph.inserting_before(mm):
+            mm.replace_input_with(bt, emit(bt.target, w_fold, *bt.args[1:]))
     for gw in site.grad_weight_mms:
         _rescale(emit, gw, s_c, 0)
     for gb, axis in site.grad_bias_sums:
@@ -389,4 +390,4 @@ def _fold_linear_backward(graph: fx.Graph, site: LinearSite, emit: _Emitter, s_c
                     b_c = _per_channel(emit, host.args[index], out, s_c.meta["val"].device, s_c.meta["val"].dtype)
                     dot = emit(aten.add.Tensor, dot, emit(aten.mul.Tensor, sum_g, b_c))
             _replace_scale_grad(emit, site, dot, s_c, site.axis)
-    _erase_dead(graph, [gy, *site.grad_input_weights])
+    _erase_dead(graph, [gy, *old_bts])

@@ -184,8 +184,9 @@ class LinearSite(Site):
     addmm or an add) while the features are on ``axis`` of ``host``'s output."""
     grad_y: fx.Node | None = None
     """``mul(g, s)`` (``div(g, s)``): the gradient of ``y``."""
-    grad_input_weights: list[fx.Node] = dataclasses.field(default_factory=list)
-    """``B.t()`` nodes read by the input-gradient ``mm``s."""
+    grad_input_mms: list[fx.Node] = dataclasses.field(default_factory=list)
+    """``mm(G, B.t())``: the input's gradient. Only these read ``B * s`` after the fold:
+    the ``B.t()`` node itself may be shared with another linear on the same weight."""
     grad_weight_mms: list[fx.Node] = dataclasses.field(default_factory=list)
     """``mm(G.t(), A)``: ``(out, in)``, one row per feature."""
     grad_bias_sums: list[tuple[fx.Node, int]] = dataclasses.field(default_factory=list)
@@ -680,7 +681,7 @@ def _attach_linear_backward(site: LinearSite, backward: set[fx.Node]) -> None:
         site.backward_problem = uses
         return
     site.grad_y, site.grad = gy, g
-    site.grad_input_weights, site.grad_weight_mms, site.grad_bias_sums = uses
+    site.grad_input_mms, site.grad_weight_mms, site.grad_bias_sums = uses
     if site.grad_scale_sum is not None and not site.grad_weight_mms:
         site.backward_problem = "scale gradient needs the weight gradient, which the model does not compute"
 
@@ -691,7 +692,7 @@ def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
     a_in, b_w = site.mm.args[-2], site.weight
     if not _same_shape(_shape(gy), _shape(site.y)):
         return None
-    grad_input_weights, grad_weight_mms, bias_sums = [], [], []
+    grad_input_mms, grad_weight_mms, bias_sums = [], [], []
     problem, ours = None, False
     stack = [(gy, site.axis)]
     while stack:
@@ -700,7 +701,7 @@ def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
         for user in node.users:
             target = user.target
             if target is aten.mm.default and user.args[0] is node and axis == 1 and _is_transpose_of(user.args[1], b_w):
-                grad_input_weights.append(user.args[1])
+                grad_input_mms.append(user)
                 ours = True
             elif target is aten.mm.default and user.args[0] is node and axis == 0 and user.args[1] is a_in:
                 grad_weight_mms.append(user)
@@ -726,4 +727,4 @@ def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
         return None
     if problem is not None:
         return problem
-    return grad_input_weights, grad_weight_mms, bias_sums
+    return grad_input_mms, grad_weight_mms, bias_sums
