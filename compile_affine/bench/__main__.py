@@ -5,6 +5,8 @@ resnet (default): ResNet-50 with BatchNorm replaced by a learnable per-channel a
     Inductor and compile_affine.
 blocks: conv -> affine -> relu chains over a shape matrix, activation-heavy to
     weight-heavy, to show where folding pays and that the cost model picks right.
+layerscale: transformer and ConvNeXt MLP blocks with LayerScale (net "affine") and
+    without it (net "none"): the linear -> per-feature scale fold.
 
 Under ``torchrun --nproc-per-node N -m compile_affine.bench ...`` every variant is
 wrapped in DistributedDataParallel (gloo on CPU, NCCL on CUDA) and each rank prints
@@ -20,7 +22,7 @@ import sys
 
 import torch
 
-from .models import BLOCK_SHAPES, resnet50
+from .models import BLOCK_SHAPES, LAYERSCALE_SHAPES, resnet50
 from .runner import BACKENDS, Runner, Variant, init_distributed, machine, progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,7 +38,7 @@ BASELINE = "none / inductor"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m compile_affine.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("mode", nargs="?", default="resnet", choices=("resnet", "blocks"))
+    p.add_argument("mode", nargs="?", default="resnet", choices=("resnet", "blocks", "layerscale"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=8, help="resnet batch (blocks use their own)")
     p.add_argument("--res", type=int, default=160, help="resnet input resolution")
@@ -46,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inference", action="store_true", help="time the forward under inference_mode instead of a training step")
     p.add_argument("--min-activation-ratio", type=float, help="compile_affine's cost threshold (default: the plugin's)")
     p.add_argument("--variants", help="comma-separated net/backend pairs, e.g. none/inductor,affine/compile_affine")
-    p.add_argument("--shapes", help="blocks: comma-separated indices into the shape matrix")
+    p.add_argument("--shapes", help="blocks, layerscale: comma-separated indices into the shape matrix")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a bar chart of step-time ratios (matplotlib)")
@@ -69,12 +71,13 @@ def run_resnet(args, runner: Runner) -> list[dict]:
 
 
 def run_blocks(args, runner: Runner) -> list[dict]:
-    shapes = [BLOCK_SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else BLOCK_SHAPES
+    matrix = LAYERSCALE_SHAPES if args.mode == "layerscale" else BLOCK_SHAPES
+    shapes = [matrix[int(i)] for i in args.shapes.split(",")] if args.shapes else matrix
     rows = []
     for shape in shapes:
         progress(f"shape {shape.name}")
         variants = [
-            Variant(net, backend, shape.build(net), shape.input("cpu"))
+            Variant(net, backend, shape.build(net), shape.input(args.device))
             for net, backend in _variants(args.variants, BLOCK_VARIANTS)
         ]
         runner.run(variants, args.steps, args.warmup)

@@ -1,5 +1,6 @@
-"""The benchmark's models: the seed's ResNet-50 with three kinds of norm layer, and
-conv -> norm -> relu chains over a shape matrix."""
+"""The benchmark's models: the seed's ResNet-50 with three kinds of norm layer,
+conv -> norm -> relu chains over a shape matrix, and transformer / ConvNeXt MLP blocks
+with and without LayerScale."""
 
 from __future__ import annotations
 
@@ -85,4 +86,68 @@ BLOCK_SHAPES = [
     BlockShape("3x3 c256 @14 b8", 256, 14, 3, 8),
     BlockShape("1x1 c1024 @7 b8", 1024, 7, 1, 8),
     BlockShape("3x3 c512 @7 b2", 512, 7, 3, 2),
+]
+
+
+class LayerScale(nn.Module):
+    """As timm writes it: one learnable value per feature on the last dim."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class MlpBlock(nn.Module):
+    """``x + ls(fc2(gelu(fc1(norm(x)))))`` on (B, N, C) tokens, or, ``nhwc``, on a
+    (B, C, H, W) map as ConvNeXt does it: depthwise 7x7, permute to NHWC, the MLP,
+    permute back, then the scale as ``(C, 1, 1)``."""
+
+    def __init__(self, dim: int, norm: str, nhwc: bool):
+        super().__init__()
+        self.nhwc = nhwc
+        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim) if nhwc else nn.Identity()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5)) if norm == "affine" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dw(x).permute(0, 2, 3, 1) if self.nhwc else x
+        h = self.fc2(nn.functional.gelu(self.fc1(self.norm(h))))
+        if self.nhwc:
+            h = h.permute(0, 3, 1, 2)
+        if self.gamma is not None:
+            h = h * (self.gamma.view(-1, 1, 1) if self.nhwc else self.gamma)
+        return x + h
+
+
+@dataclasses.dataclass(frozen=True)
+class MlpShape:
+    """``depth`` MLP blocks; ``norm="affine"`` adds LayerScale, ``"none"`` leaves it out."""
+
+    name: str
+    dim: int
+    tokens: int
+    batch: int
+    nhwc: bool = False
+    depth: int = 4
+
+    def input(self, device, dtype=torch.float32) -> torch.Tensor:
+        if self.nhwc:
+            side = int(self.tokens**0.5)
+            return torch.randn(self.batch, self.dim, side, side, device=device, dtype=dtype)
+        return torch.randn(self.batch, self.tokens, self.dim, device=device, dtype=dtype)
+
+    def build(self, norm: str) -> nn.Module:
+        torch.manual_seed(0)
+        return Blocks([MlpBlock(self.dim, norm, self.nhwc) for _ in range(self.depth)])
+
+
+LAYERSCALE_SHAPES = [
+    MlpShape("ViT-S mlp 197x384 b8", 384, 197, 8),
+    MlpShape("ConvNeXt-T mlp 56x56x96 b8", 96, 56 * 56, 8, nhwc=True),
+    # weight-heavy: at batch 1 a (197, 384) activation is a third of fc2's weight
+    MlpShape("ViT-S mlp 197x384 b1", 384, 197, 1),
 ]
