@@ -260,3 +260,59 @@ def test_weight_shared_by_a_second_linear_call(input_grad):
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=input_grad)
     check_against_eager(Tied().double(), x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
     assert compile_affine.report().graphs[0].folded == 1
+
+
+class TwoHeads(nn.Module):
+    """Two linears on one 2-D input (one ``A`` node), the first frozen: found in review,
+    the first site took the second's ``g * s`` for its own and both rewrote it."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 6, bias=False).requires_grad_(False)
+        self.fc2 = nn.Linear(8, 6)
+        self.g = nn.Parameter(torch.rand(6) + 0.5)
+        self.scale = scale
+
+    def forward(self, x):
+        if self.scale == "python":
+            return self.fc1(x) * 0.5 + self.fc2(x) * 0.5
+        if self.scale == "flattened once":
+            h = x.reshape(-1, 8)
+            return self.fc1(h) * 0.5 + self.fc2(h) * 0.5
+        g = self.g if self.scale == "parameter" else self.g.detach()
+        return self.fc1(x) * g + self.fc2(x) * g
+
+
+@pytest.mark.parametrize("scale", ["parameter", "buffer", "python", "flattened once"])
+def test_two_linears_on_one_input_do_not_share_a_backward(scale):
+    x = torch.randn(5, 8, dtype=torch.float64)
+    check_against_eager(TwoHeads(scale).double(), x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
+
+
+def test_whisper_style_scaled_q_and_k_with_a_frozen_q_projection():
+    class Attn(nn.Module):
+        def __init__(self, d=8):
+            super().__init__()
+            self.q = nn.Linear(d, d).requires_grad_(False)
+            self.k = nn.Linear(d, d, bias=False)
+            self.d = d
+
+        def forward(self, x):
+            q, k = self.q(x) * self.d**-0.25, self.k(x) * self.d**-0.25
+            return (q @ k.t()).softmax(-1)
+
+    check_against_eager(Attn().double(), torch.randn(5, 8, dtype=torch.float64), pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
+
+
+def test_recognition_visits_a_dag_of_adds_once():
+    """``h = h + h`` forty times: walking both operands of every add without memory
+    took 4x longer per two adds (found in review); this must finish at once."""
+
+    def fn(x, g):
+        h = x.sin()
+        for _ in range(40):
+            h = h + h
+        return h * g
+
+    joint_graph(fn, torch.randn(3, 4, requires_grad=True), torch.rand(4, requires_grad=True))
+    assert compile_affine.report().graphs[0].sites == []

@@ -94,6 +94,10 @@ class Site:
         """Whether the model already computes the weight's gradient (the fold reuses it)."""
         raise NotImplementedError
 
+    def backward_nodes(self) -> list[fx.Node]:
+        """The backward nodes the rewrite will edit: no two sites may share one."""
+        raise NotImplementedError
+
     # --- shared -------------------------------------------------------------------
     @property
     def shift_only(self) -> bool:
@@ -165,6 +169,9 @@ class ConvSite(Site):
     def computes_weight_grad(self) -> bool:
         return self.conv_backward is not None and bool(self.conv_backward.args[-1][1])
 
+    def backward_nodes(self) -> list[fx.Node]:
+        return [n for n in (self.conv_backward, self.grad_scale_sum) if n is not None]
+
 
 @dataclasses.dataclass
 class LinearSite(Site):
@@ -215,6 +222,10 @@ class LinearSite(Site):
 
     def computes_weight_grad(self) -> bool:
         return bool(self.grad_weight_mms)
+
+    def backward_nodes(self) -> list[fx.Node]:
+        nodes = [self.grad_y, self.grad_scale_sum, *self.grad_input_mms, *self.grad_weight_mms]
+        return [n for n in nodes + [b for b, _ in self.grad_bias_sums] if n is not None]
 
 
 # The pattern matcher finds the forward anchors; ``find_sites`` keeps those whose
@@ -273,7 +284,16 @@ def find_sites(gm: fx.GraphModule, seen_mutations: InputMutations = InputMutatio
     # ``y / s`` has a twin ``div(y, s)`` computed for its scale's gradient, and a linear's
     # bias add lies inside the views to its scale: parts of a site, not sites.
     claimed = {n for site in sites for n in (*site.grad_scale_nodes, *site.produced)}
-    return [site for site in sites if site.mul not in claimed]
+    sites = [site for site in sites if site.mul not in claimed]
+    # A backward node two sites both take for their own would be rewritten twice.
+    owners: dict[fx.Node, list[Site]] = {}
+    for site in sites:
+        for node in site.backward_nodes():
+            owners.setdefault(node, []).append(site)
+    for shared in (group for group in owners.values() if len(group) > 1):
+        for site in shared:
+            site.backward_problem = site.backward_problem or "another site claims the same backward nodes"
+    return sites
 
 
 def mutated_inputs(graph: fx.Graph, seen: InputMutations) -> set[fx.Node]:
@@ -590,14 +610,18 @@ def _chain_input(node: fx.Node) -> Any:
 
 def _reaches_mm(node: Any) -> bool:
     """Whether ``node`` is a linear's output through views and bias adds only."""
-    while isinstance(node, fx.Node) and node.op == "call_function":
+    stack, seen = [node], set()  # adds form a DAG (h + h): visit each node once
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, fx.Node) or node.op != "call_function" or node in seen:
+            continue
+        seen.add(node)
         if node.target in _MM:
             return True
         if node.target is aten.add.Tensor:
-            return any(_reaches_mm(a) for a in node.args[:2])
-        if not (node.target in _VIEWS or node.target in _PERMUTES or node.target in _SAME):
-            return False
-        node = node.args[0]
+            stack += node.args[:2]
+        elif node.target in _VIEWS or node.target in _PERMUTES or node.target in _SAME:
+            stack.append(node.args[0])
     return False
 
 
@@ -659,6 +683,10 @@ def _attach_linear_backward(site: LinearSite, backward: set[fx.Node]) -> None:
         readers = [u for s in scales for u in s.users]
     else:  # a Python number: look at every multiply (divide) in backward
         readers = [n for n in backward if n.target in (aten.mul.Tensor, aten.div.Tensor)]
+    # Which ``g * s`` is ours? The scale's gradient names ``g`` when there is one.
+    # Otherwise the walk must reach an operand only this linear reads: a second linear
+    # on the same input (or the same weight node) has a backward of the very same shape.
+    a_unique, b_unique = (_read_by_this_mm_only(n, site.mm, backward) for n in site.mm.args[-2:])
     ours = []
     for gy in dict.fromkeys(readers):
         g = _scaled_grad(gy, site) if gy in backward else None
@@ -667,8 +695,13 @@ def _attach_linear_backward(site: LinearSite, backward: set[fx.Node]) -> None:
         if not _same_shape(_shape(g), _shape(site.y)):
             continue  # g broadcast by s: not a gradient of y
         uses = _gradient_uses(gy, site)
-        if uses is not None:
-            ours.append((gy, g, uses))
+        if uses is None:
+            continue
+        if site.grad is None and not isinstance(uses, str):
+            grad_input_mms, grad_weight_mms, _ = uses
+            if not ((grad_input_mms and b_unique) or (grad_weight_mms and a_unique)):
+                uses = "another linear reads the same input or weight: its backward is indistinguishable"
+        ours.append((gy, g, uses))
     if not ours:
         if site.grad_scale_sum is not None:
             site.backward_problem = "scale gradient needs the weight gradient, which the model does not compute"
@@ -684,6 +717,10 @@ def _attach_linear_backward(site: LinearSite, backward: set[fx.Node]) -> None:
     site.grad_input_mms, site.grad_weight_mms, site.grad_bias_sums = uses
     if site.grad_scale_sum is not None and not site.grad_weight_mms:
         site.backward_problem = "scale gradient needs the weight gradient, which the model does not compute"
+
+
+def _read_by_this_mm_only(node: Any, mm: fx.Node, backward: set[fx.Node]) -> bool:
+    return not any(u is not mm and u.target in _MM and u not in backward for u in getattr(node, "users", ()))
 
 
 def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
