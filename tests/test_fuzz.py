@@ -215,6 +215,7 @@ def linear_configs(draw):
         # that the backward walk refuses (safe, but not the fold this oracle expects).
         cout=draw(st.sampled_from([2, 4, 6])),
         bias=draw(st.booleans()),
+        producer=draw(st.sampled_from(["linear", "linear", "matmul", "einsum"])),
         chain=draw(st.sampled_from(LINEAR_CHAINS)),
         scale=draw(st.sampled_from(LINEAR_SCALES)),
         op=draw(st.sampled_from(["mul", "mul", "mul_", "div", "addcmul"])),
@@ -275,7 +276,14 @@ class FuzzedLinear(torch.nn.Module):
 
     def forward(self, x):
         c = self.c
-        y = self.fc(x)
+        if c["producer"] == "matmul":
+            y = torch.matmul(x, self.fc.weight.t())
+        elif c["producer"] == "einsum":  # bmm in the graph
+            y = torch.einsum("...i,oi->...o", x, self.fc.weight)
+        else:
+            y = self.fc(x)
+        if c["producer"] != "linear" and self.fc.bias is not None:
+            y = y + self.fc.bias
         z, axis = _chain(y, c["chain"], c["cout"])
         s = self.operand(c["scale"], self.s, z, axis)
         t = None if c["shift"] == "none" else self.operand(c["shift"], self.t, z, axis)
@@ -301,7 +309,7 @@ def expected_linear_fold(c, x_shape) -> bool:
     z, axis = _chain(torch.empty(*x_shape[:-1], c["cout"]), c["chain"], c["cout"])
     if axis is None:
         return False  # the view splits the features
-    if c["scale"] == "per_sample" and z.shape[0] > 1:
+    if c["scale"] == "per_sample" and z.shape[0] > 1 and axis != 0:  # a 2-d transpose puts features first
         return False
     if c["scale"] == "token" and any(z.shape[d] > 1 for d in range(z.ndim) if d != axis):
         return False

@@ -316,3 +316,29 @@ def test_recognition_visits_a_dag_of_adds_once():
 
     joint_graph(fn, torch.randn(3, 4, requires_grad=True), torch.rand(4, requires_grad=True))
     assert compile_affine.report().graphs[0].sites == []
+
+
+@pytest.mark.parametrize("producer", ["matmul", "x @ W.t()", "einsum (bmm)", "bmm with an expanded weight"])
+def test_linear_written_as_a_matrix_product(producer):
+    class MatrixProduct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 8))
+            self.bias = nn.Parameter(torch.randn(6))
+            self.gamma = nn.Parameter(torch.rand(6) + 0.5)
+
+        def forward(self, x):
+            if producer == "matmul":
+                y = torch.matmul(x, self.weight.t()) + self.bias
+            elif producer == "x @ W.t()":
+                y = x @ self.weight.t()
+            elif producer == "einsum (bmm)":
+                y = torch.einsum("btc,oc->bto", x, self.weight) + self.bias
+            else:
+                y = torch.bmm(x, self.weight.t().expand(x.shape[0], 8, 6))
+            return torch.tanh(y * self.gamma)
+
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    check_against_eager(MatrixProduct().double(), x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
+    (site,) = compile_affine.report().graphs[0].sites
+    assert site.folded, site.reason

@@ -286,7 +286,8 @@ def fold_linear(graph: fx.Graph, site: LinearSite) -> fx.Node:
     """
     b_w, a_in = site.weight, site.mm.args[-2]
     w_val = b_w.meta["val"]
-    out, y_val = w_val.shape[1], site.y.meta["val"]
+    out, y_val = w_val.shape[-1], site.y.meta["val"]
+    feature_row = [1] * (w_val.ndim - 1) + [out]
     emit = _Emitter(graph, site.mm)
     compute = torch.promote_types(w_val.dtype, torch.float32)
     with graph.inserting_before(site.tail):
@@ -294,10 +295,12 @@ def fold_linear(graph: fx.Graph, site: LinearSite) -> fx.Node:
         s_c = w_fold = b_w
         if not site.shift_only:
             s_c = _scale_vector(emit, site, out, w_val.device, compute)
-            w_fold = emit.cast(emit(aten.mul.Tensor, emit.upcast(b_w), emit(aten.reshape.default, s_c, [1, out])), w_val.dtype)
+            w_fold = emit.cast(emit(aten.mul.Tensor, emit.upcast(b_w), emit(aten.reshape.default, s_c, feature_row)), w_val.dtype)
         emit.recompute = False
         result_dtype = site.tail.meta["val"].dtype
         shift_in_bias = site.shift is not None and result_dtype == y_val.dtype
+        if site.mm.target is aten.bmm.default and not site.biases:
+            shift_in_bias = False  # no bias slot to put it in: added after
         t_c = None if site.shift is None else _per_channel(emit, site.shift, out, w_val.device, compute)
         new_bias = {}
         for i, (host, index, axis) in enumerate(site.biases):
@@ -314,7 +317,7 @@ def fold_linear(graph: fx.Graph, site: LinearSite) -> fx.Node:
             t_row = emit.cast(_add_shift(emit, None, t_c, site.shift_sign), mm_dtype)
             new_mm = emit(aten.addmm.default, t_row, a_in, w_fold)
         else:
-            new_mm = emit(aten.mm.default, a_in, w_fold)
+            new_mm = emit(site.mm.target, a_in, w_fold)
         env = {site.mm: new_mm}
         for node in site.chain:
             args = [env.get(a, a) if isinstance(a, fx.Node) else a for a in node.args]
@@ -352,6 +355,11 @@ def _rescale(emit: _Emitter, node: fx.Node, s_c: fx.Node, axis: int) -> None:
         reader.replace_input_with(node, scaled)
 
 
+def _feature_axis_of_weight_grad(node: fx.Node) -> int:
+    """``mm(G.t(), A)`` is ``(out, in)``; ``bmm(A.mT, G)`` is ``(batch, in, out)``."""
+    return 0 if node.target is aten.mm.default else node.meta["val"].ndim - 1
+
+
 def _fold_linear_backward(graph: fx.Graph, site: LinearSite, emit: _Emitter, s_c: fx.Node, w_fold: fx.Node) -> None:
     """Feed ``g`` where autograd fed ``gy = g * s``, and correct each end it reaches:
 
@@ -372,14 +380,19 @@ def _fold_linear_backward(graph: fx.Graph, site: LinearSite, emit: _Emitter, s_c
         with graph.inserting_before(mm):
             mm.replace_input_with(bt, emit(bt.target, w_fold, *bt.args[1:]))
     for gw in site.grad_weight_mms:
-        _rescale(emit, gw, s_c, 0)
+        _rescale(emit, gw, s_c, _feature_axis_of_weight_grad(gw))
     for gb, axis in site.grad_bias_sums:
         _rescale(emit, gb, s_c, axis)
     if site.grad_scale_sum is not None:
         out = s_c.meta["val"].shape[0]
         with graph.inserting_before(graph.output_node()):  # fold.run re-sorts the graph
-            b_t = emit(aten.permute.default, emit.upcast(site.weight), [1, 0])
-            dot = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, emit.upcast(raw_gw), b_t), [1])
+            # sum(g * y)[c] = <raw weight gradient, B> over everything but feature c.
+            weight = emit.upcast(site.weight)
+            if raw_gw.target is aten.mm.default:  # (out, in): B transposed
+                weight = emit(aten.permute.default, weight, [1, 0])
+            axis = _feature_axis_of_weight_grad(raw_gw)
+            dims = [d for d in range(weight.meta["val"].ndim) if d != axis]
+            dot = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, emit.upcast(raw_gw), weight), dims)
             if site.biases:
                 if raw_gb is None:
                     y_dims = [d for d in range(site.y.meta["val"].ndim) if d != site.axis]

@@ -177,6 +177,7 @@ class ConvSite(Site):
 class LinearSite(Site):
     """``y = views(mm(A, B) [+ b])`` with ``B`` the ``(in, out)`` weight operand
     (``W.t()`` for ``nn.Linear``); the features are ``mm``'s columns and ``y``'s ``axis``.
+    ``bmm(A, B)`` with a ``(batch, in, out)`` weight operand (einsum's form) works alike.
 
     Backward: autograd fed ``gy = g * s`` through views to ``mm(gy2, B.t())`` (the input's
     gradient), ``mm(gy2.t(), A)`` (the weight's) and ``sum(gy, non-feature dims)`` (the
@@ -195,7 +196,8 @@ class LinearSite(Site):
     """``mm(G, B.t())``: the input's gradient. Only these read ``B * s`` after the fold:
     the ``B.t()`` node itself may be shared with another linear on the same weight."""
     grad_weight_mms: list[fx.Node] = dataclasses.field(default_factory=list)
-    """``mm(G.t(), A)``: ``(out, in)``, one row per feature."""
+    """``mm(G.t(), A)``: ``(out, in)``, one row per feature; for ``bmm``,
+    ``bmm(A.mT, G)``: ``(batch, in, out)``, ``B``'s own layout."""
     grad_bias_sums: list[tuple[fx.Node, int]] = dataclasses.field(default_factory=list)
     """Reductions of the gradient to one value per feature, with the feature axis."""
 
@@ -551,7 +553,7 @@ def _attach_conv_backward(site: ConvSite, backward: set[fx.Node]) -> None:
 
 # --- linear layers -------------------------------------------------------------------
 
-_MM = (aten.mm.default, aten.addmm.default)
+_MM = (aten.mm.default, aten.addmm.default, aten.bmm.default)
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _PERMUTES = (aten.permute.default, aten.transpose.int, aten.t.default)
 _SAME = (aten.clone.default, aten.alias.default)
@@ -640,7 +642,7 @@ def _linear_site(anchor: fx.Node, y: fx.Node, scale: Operand, extra: dict) -> Li
     site = LinearSite(mul=anchor, scale=scale, mm=mm, chain=chain, **extra)
     if mm.target is aten.addmm.default:
         site.biases.append((mm, 0, 1))
-    axis, prev = 1, mm
+    axis, prev = len(_shape(mm)) - 1, mm  # the features are mm's (bmm's) last dim
     for node in chain:
         if node.target is aten.add.Tensor:
             if not _same_shape(_shape(node), _shape(prev)):
@@ -665,13 +667,15 @@ def _same_shape(a: tuple, b: tuple) -> bool:
 
 
 def _is_transpose_of(node: Any, target: fx.Node) -> bool:
+    """``node`` is ``target`` with its last two dims swapped (``t``, ``permute``, ``transpose``)."""
     if not isinstance(node, fx.Node) or node.args[:1] != (target,):
         return False
+    ndim = len(_shape(target))
     if node.target is aten.t.default:
-        return True
+        return ndim == 2
     if node.target is aten.permute.default:
-        return [d % 2 for d in node.args[1]] == [1, 0]
-    return node.target is aten.transpose.int and {d % 2 for d in node.args[1:3]} == {0, 1}
+        return [d % ndim for d in node.args[1]] == [*range(ndim - 2), ndim - 1, ndim - 2]
+    return node.target is aten.transpose.int and {d % ndim for d in node.args[1:3]} == {ndim - 2, ndim - 1}
 
 
 def _attach_linear_backward(site: LinearSite, backward: set[fx.Node]) -> None:
@@ -737,11 +741,17 @@ def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
         ndim = len(_shape(node))
         for user in node.users:
             target = user.target
-            if target is aten.mm.default and user.args[0] is node and axis == 1 and _is_transpose_of(user.args[1], b_w):
+            last = ndim - 1
+            if target in (aten.mm.default, aten.bmm.default) and user.args[0] is node and axis == last \
+                    and _is_transpose_of(user.args[1], b_w):  # fmt: skip
                 grad_input_mms.append(user)
                 ours = True
             elif target is aten.mm.default and user.args[0] is node and axis == 0 and user.args[1] is a_in:
-                grad_weight_mms.append(user)
+                grad_weight_mms.append(user)  # (out, in): one row per feature
+                ours = True
+            elif target is aten.bmm.default and user.args[1] is node and axis == last \
+                    and _is_transpose_of(user.args[0], a_in):  # fmt: skip
+                grad_weight_mms.append(user)  # (batch, in, out): B's own layout
                 ours = True
             elif target is aten.sum.dim_IntList and len(user.args) >= 2:
                 dims = {d % ndim for d in user.args[1]}
