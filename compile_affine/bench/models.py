@@ -150,4 +150,6 @@ LAYERSCALE_SHAPES = [
     MlpShape("ConvNeXt-T mlp 56x56x96 b8", 96, 56 * 56, 8, nhwc=True),
     # weight-heavy: at batch 1 a (197, 384) activation is a third of fc2's weight
     MlpShape("ViT-S mlp 197x384 b1", 384, 197, 1),
+    # activation-heavy transformer: 4x the activation of b8
+    MlpShape("ViT-S mlp 197x384 b32", 384, 197, 32),
 ]
