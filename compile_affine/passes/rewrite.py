@@ -127,7 +127,7 @@ def _first_in_graph(graph: fx.Graph, nodes: list[fx.Node]) -> fx.Node:
 _PURE = {
     aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.neg.default, aten.add.Tensor, aten.sub.Tensor,
     aten.addcmul.default, aten.sum.dim_IntList, aten.sum.default, aten.convolution.default,
-    aten.convolution_backward.default, aten.mm.default, aten.addmm.default, aten.view.default,
+    aten.convolution_backward.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.view.default,
     aten._unsafe_view.default, aten.reshape.default, aten.permute.default, aten.transpose.int, aten.t.default,
     aten.clone.default, aten.alias.default, prims.convert_element_type.default, operator.getitem,
 }  # fmt: skip
@@ -292,10 +292,8 @@ def fold_linear(graph: fx.Graph, site: LinearSite) -> fx.Node:
     compute = torch.promote_types(w_val.dtype, torch.float32)
     with graph.inserting_before(site.tail):
         emit.recompute = True  # as for convs: backward recomputes B * s from B and s
-        s_c = w_fold = b_w
-        if not site.shift_only:
-            s_c = _scale_vector(emit, site, out, w_val.device, compute)
-            w_fold = emit.cast(emit(aten.mul.Tensor, emit.upcast(b_w), emit(aten.reshape.default, s_c, feature_row)), w_val.dtype)
+        s_c = _scale_vector(emit, site, out, w_val.device, compute)
+        w_fold = emit.cast(emit(aten.mul.Tensor, emit.upcast(b_w), emit(aten.reshape.default, s_c, feature_row)), w_val.dtype)
         emit.recompute = False
         result_dtype = site.tail.meta["val"].dtype
         shift_in_bias = site.shift is not None and result_dtype == y_val.dtype
@@ -304,9 +302,7 @@ def fold_linear(graph: fx.Graph, site: LinearSite) -> fx.Node:
         t_c = None if site.shift is None else _per_channel(emit, site.shift, out, w_val.device, compute)
         new_bias = {}
         for i, (host, index, axis) in enumerate(site.biases):
-            b_c = _per_channel(emit, host.args[index], out, w_val.device, compute)
-            if not site.shift_only:
-                b_c = emit(aten.mul.Tensor, b_c, s_c)
+            b_c = emit(aten.mul.Tensor, _per_channel(emit, host.args[index], out, w_val.device, compute), s_c)
             if i == 0 and shift_in_bias:
                 b_c = _add_shift(emit, b_c, t_c, site.shift_sign)
             new_bias[host] = emit.cast(_feature_view(emit, b_c, host.meta["val"].ndim, axis), host.meta["val"].dtype)

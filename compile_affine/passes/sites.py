@@ -391,10 +391,13 @@ def _build_site(anchor: fx.Node, backward: set[fx.Node]) -> Site | None:
                 continue
         if not site.fused_shift:
             _attach_shift(site)
-        _attach_scale_grad(site, backward)
         if site.shift_only:
-            pass  # y + t: the gradient reaches the producer unscaled; backward needs no change
-        elif isinstance(site, ConvSite):
+            # y + t: the gradient reaches the producer unscaled and nothing in backward
+            # reads y for it; the backward needs no change, and any reader of y is another.
+            site.other_users = [u for u in y.users if u is not anchor]
+            return site
+        _attach_scale_grad(site, backward)
+        if isinstance(site, ConvSite):
             _attach_conv_backward(site, backward)
         elif site.producer_problem is None:
             _attach_linear_backward(site, backward)
