@@ -165,5 +165,36 @@ def check_against_eager(
         assert_close_rel(p_c, p_e, grad_tol, f"param {name} after {steps} steps")
 
 
+def check_autocast(reference: torch.nn.Module, x: torch.Tensor, backend, dtype: torch.dtype, tol: float) -> None:
+    """Under CPU autocast: the compiled model keeps eager's (promoted, fp32) result dtype,
+    and its output and every parameter gradient stay within ``tol`` of the fp32 model."""
+    model = copy.deepcopy(reference)
+    with torch.autocast("cpu", dtype=dtype):
+        out = torch.compile(model, backend=backend)(x)
+        eager = copy.deepcopy(reference)(x)
+    ref = reference(x)
+    assert out.dtype == eager.dtype == torch.float32
+    assert_close_rel(out, ref, tol, "forward")
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        if p_ref.grad is not None:
+            assert p.grad.dtype == torch.float32
+            assert_close_rel(p.grad, p_ref.grad, tol, f"grad {name}")
+
+
+def compare_gradients(out_c: torch.Tensor, out_e: torch.Tensor, inputs: list[torch.Tensor], tol: float) -> None:
+    """Every gradient of ``inputs``, compiled against eager, for one random output gradient."""
+    g = torch.randn_like(out_e)
+    grads_c = torch.autograd.grad(out_c, inputs, g, allow_unused=True)
+    grads_e = torch.autograd.grad(out_e, inputs, g, allow_unused=True)
+    for gc, ge in zip(grads_c, grads_e):
+        if ge is None:
+            assert gc is None
+        else:
+            assert_close_rel(gc, ge, tol, "gradient")
+
+
 def folded_sites() -> int:
     return compile_affine.report().folded

@@ -7,7 +7,7 @@ import torch
 
 import compile_affine
 
-from .helpers import ALWAYS, assert_close_rel, check_against_eager, pass_backend
+from .helpers import ALWAYS, assert_close_rel, check_against_eager, check_autocast, pass_backend
 from .nets import Chain, ConvAffine
 
 DEVICES = [
@@ -52,36 +52,26 @@ def test_low_precision_model_against_fp32_reference(dtype, tol):
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
 def test_autocast_folds_and_keeps_the_promoted_dtype(dtype, tol):
     # Under autocast the conv runs in 16 bits and ``y * s`` with an fp32 scale is fp32.
-    reference = ConvAffine(4, 8, act=torch.tanh)
-    model = copy.deepcopy(reference)
-    x = torch.randn(2, 4, 9, 9)
-    with torch.autocast("cpu", dtype=dtype):
-        out = torch.compile(model, backend=pass_backend(ALWAYS))(x)
-        eager = copy.deepcopy(reference)(x)
-    ref = reference(x)
-    assert out.dtype == eager.dtype == torch.float32
-    assert_close_rel(out, ref, tol, "forward")
-    g = torch.randn_like(ref)
-    out.backward(g)
-    ref.backward(g)
-    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-        assert p.grad.dtype == torch.float32
-        assert_close_rel(p.grad, p_ref.grad, tol, f"grad {name}")
+    check_autocast(ConvAffine(4, 8, act=torch.tanh), torch.randn(2, 4, 9, 9), pass_backend(ALWAYS), dtype, tol)
     assert compile_affine.report().graphs[0].folded == 1
 
 
-@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
-def test_dynamic_shapes_fold_without_recompiles(how):
-    model = Chain()
-    compiled = torch.compile(model, backend=pass_backend(ALWAYS), dynamic=True if how == "dynamic=True" else None)
-    for shape in [(2, 4, 12, 12), (3, 4, 9, 9), (5, 4, 15, 15)]:
+def _run_shapes(model, settings, how: str, shapes: list[tuple]) -> list:
+    """Compile once with ``how`` dynamism, run every shape, return the graphs compiled."""
+    compiled = torch.compile(model, backend=pass_backend(settings), dynamic=True if how == "dynamic=True" else None)
+    for shape in shapes:
         x = torch.randn(shape)
         if how == "mark_dynamic":
             for dim in (0, 2, 3):
                 torch._dynamo.mark_dynamic(x, dim)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-    graphs = compile_affine.report().graphs
+    return compile_affine.report().graphs
+
+
+@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
+def test_dynamic_shapes_fold_without_recompiles(how):
+    graphs = _run_shapes(Chain(), ALWAYS, how, [(2, 4, 12, 12), (3, 4, 9, 9), (5, 4, 15, 15)])
     assert len(graphs) == 1, "fold decisions must not add guards that recompile"
     assert graphs[0].folded == 3
 
@@ -171,15 +161,7 @@ def test_layerscale_dynamic_shapes_fold_without_recompiles(how):
         torch._dynamo.reset()
         compile_affine.reset()
         model = LinearScale(FORMS["NHWC linear, permute to NCHW, (1, C, 1, 1) scale"][0])
-        compiled = torch.compile(model, backend=pass_backend(settings), dynamic=True if how == "dynamic=True" else None)
-        for shape in [(2, 8, 3, 3), (3, 8, 5, 4), (5, 8, 2, 7)]:
-            x = torch.randn(shape)
-            if how == "mark_dynamic":
-                for dim in (0, 2, 3):
-                    torch._dynamo.mark_dynamic(x, dim)
-            with torch.no_grad():
-                torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-        return compile_affine.report().graphs
+        return _run_shapes(model, settings, how, [(2, 8, 3, 3), (3, 8, 5, 4), (5, 8, 2, 7)])
 
     # Dynamo itself recompiles this model once under dynamic=True (it does so with the
     # pass folding nothing too); the fold must add no recompile of its own.

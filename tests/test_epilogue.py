@@ -256,13 +256,18 @@ class Net(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_training_matches_eager(channels_last):
+def _net_and_input(channels_last: bool) -> tuple[Net, torch.Tensor]:
     x = torch.randn(2, 3, 12, 12, requires_grad=True)
     model = Net()
     if channels_last:
         x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
         model = model.to(memory_format=torch.channels_last)
+    return model, x
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_training_matches_eager(channels_last):
+    model, x = _net_and_input(channels_last)
     check_against_eager(model, x, pass_backend(EPILOGUE))
     assert compile_affine.report().graphs[0].fused_epilogues == (3 if ONEDNN else 0)
 
@@ -287,11 +292,7 @@ def test_bf16_autocast_matches_fp32():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_torch_compile_inductor(channels_last):
     """The real backend: Inductor lowers the op to its oneDNN extern kernel (CPU)."""
-    x = torch.randn(2, 3, 12, 12, requires_grad=True)
-    model = Net()
-    if channels_last:
-        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
-        model = model.to(memory_format=torch.channels_last)
+    model, x = _net_and_input(channels_last)
     options = {"compile_affine": {"epilogue": "auto", "fold": "always", "strict": True}}
     check_against_eager(model, x, functools.partial(compile_affine.backend, options=options), steps=2)
     assert compile_affine.report().graphs[0].fused_epilogues == (3 if ONEDNN else 0)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import compile_affine
 
-from .helpers import ALWAYS, assert_close_rel, pass_backend
+from .helpers import ALWAYS, assert_close_rel, compare_gradients, pass_backend
 
 settings.register_profile(
     "ci", max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
@@ -189,15 +189,7 @@ def _check(cfg):
     assert [s.folded for s in chained] == ([True] if chain_site else []), c
     if c["inference"] or not out_e.requires_grad:
         return
-    g = torch.randn_like(out_e)
-    inputs = [t for t in (x, *model.parameters()) if t.requires_grad]
-    grads_c = torch.autograd.grad(out_c, inputs, g, allow_unused=True)
-    grads_e = torch.autograd.grad(out_e, inputs, g, allow_unused=True)
-    for gc, ge in zip(grads_c, grads_e):
-        if ge is None:
-            assert gc is None
-        else:
-            assert_close_rel(gc, ge, 1e-8, "gradient")
+    compare_gradients(out_c, out_e, [t for t in (x, *model.parameters()) if t.requires_grad], 1e-8)
 
 
 # --- linear layers -------------------------------------------------------------------
@@ -333,16 +325,8 @@ def test_fuzz_linear_against_eager(cfg):
             out_c = compiled(x)
             out_e = model(x)
         assert_close_rel(out_c, out_e, 1e-10, "forward")
-        if not (c["inference"] or not out_e.requires_grad):
-            g = torch.randn_like(out_e)
-            inputs = [t for t in (x, *model.parameters()) if t.requires_grad]
-            grads_c = torch.autograd.grad(out_c, inputs, g, allow_unused=True)
-            grads_e = torch.autograd.grad(out_e, inputs, g, allow_unused=True)
-            for gc, ge in zip(grads_c, grads_e):
-                if ge is None:
-                    assert gc is None
-                else:
-                    assert_close_rel(gc, ge, 1e-8, "gradient")
+        if not c["inference"] and out_e.requires_grad:
+            compare_gradients(out_c, out_e, [t for t in (x, *model.parameters()) if t.requires_grad], 1e-8)
         sites = compile_affine.report().graphs[0].sites
         first = next(s for s in sites if s.producer == "linear")
         assert first.folded == expected_linear_fold(c, x.shape), (first.reason, c)

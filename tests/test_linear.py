@@ -1,8 +1,6 @@
 """Linear layers followed by a per-feature scale (LayerScale), through the views and
 permutes real blocks put between them, and the cases that must not fold."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
@@ -10,7 +8,7 @@ from expecttest import TestCase
 
 import compile_affine
 
-from .helpers import ALWAYS, assert_close_rel, check_against_eager, count, graph_text, joint_graph, pass_backend
+from .helpers import ALWAYS, check_against_eager, check_autocast, count, graph_text, joint_graph, pass_backend
 
 aten = torch.ops.aten
 
@@ -172,22 +170,10 @@ def test_torchvision_convnext_block():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
 def test_autocast_layerscale_through_inductor(dtype, tol):
-    reference = LinearScale(FORMS["x * gamma"][0])
-    model = copy.deepcopy(reference)
-    x = torch.randn(4, 5, 8)
-    options = {"compile_affine": {"fold": "always", "strict": True}}
-    with torch.autocast("cpu", dtype=dtype):
-        out = torch.compile(model, backend="compile_affine", options=options)(x)
-        eager = copy.deepcopy(reference)(x)
-    ref = reference(x)
-    assert out.dtype == eager.dtype == torch.float32
-    assert_close_rel(out, ref, tol, "forward")
-    g = torch.randn_like(ref)
-    out.backward(g)
-    ref.backward(g)
-    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-        if p_ref.grad is not None:
-            assert_close_rel(p.grad, p_ref.grad, tol, f"grad {name}")
+    def backend(gm, inputs):
+        return compile_affine.backend(gm, inputs, options={"compile_affine": {"fold": "always", "strict": True}})
+
+    check_autocast(LinearScale(FORMS["x * gamma"][0]), torch.randn(4, 5, 8), backend, dtype, tol)
     assert compile_affine.report().graphs[0].folded == 1
 
 
