@@ -79,6 +79,9 @@ def _worker(rank: int, mode: str, port: int, out_dir: str) -> None:
                   "summaries": [g.summary() for g in report.graphs], "graphs": len(report.graphs)}  # fmt: skip
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        # Tear down together: once, under load, a rank aborted in gloo ("terminate called
+        # without an active exception") while the other was still finishing.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
