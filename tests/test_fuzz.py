@@ -207,7 +207,7 @@ def linear_configs(draw):
         # that the backward walk refuses (safe, but not the fold this oracle expects).
         cout=draw(st.sampled_from([2, 4, 6])),
         bias=draw(st.booleans()),
-        producer=draw(st.sampled_from(["linear", "linear", "matmul", "einsum"])),
+        producer=draw(st.sampled_from(["linear", "linear", "matmul", "matmul_in_out", "einsum"])),
         chain=draw(st.sampled_from(LINEAR_CHAINS)),
         scale=draw(st.sampled_from(LINEAR_SCALES)),
         op=draw(st.sampled_from(["mul", "mul", "mul_", "div", "addcmul"])),
@@ -270,6 +270,8 @@ class FuzzedLinear(torch.nn.Module):
         c = self.c
         if c["producer"] == "matmul":
             y = torch.matmul(x, self.fc.weight.t())
+        elif c["producer"] == "matmul_in_out":  # an (in, out) weight: autograd writes mm(A.t(), G)
+            y = torch.matmul(x, self.fc.weight.t().contiguous())
         elif c["producer"] == "einsum":  # bmm in the graph
             y = torch.einsum("...i,oi->...o", x, self.fc.weight)
         else:

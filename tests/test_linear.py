@@ -304,7 +304,7 @@ def test_recognition_visits_a_dag_of_adds_once():
     assert compile_affine.report().graphs[0].sites == []
 
 
-@pytest.mark.parametrize("producer", ["matmul", "x @ W.t()", "einsum (bmm)", "bmm with an expanded weight"])
+@pytest.mark.parametrize("producer", ["matmul", "x @ W.t()", "x @ W, W stored (in, out)", "einsum (bmm)", "bmm with an expanded weight"])
 def test_linear_written_as_a_matrix_product(producer):
     class MatrixProduct(nn.Module):
         def __init__(self):
@@ -312,12 +312,15 @@ def test_linear_written_as_a_matrix_product(producer):
             self.weight = nn.Parameter(torch.randn(6, 8))
             self.bias = nn.Parameter(torch.randn(6))
             self.gamma = nn.Parameter(torch.rand(6) + 0.5)
+            self.weight_in_out = nn.Parameter(torch.randn(8, 6))
 
         def forward(self, x):
             if producer == "matmul":
                 y = torch.matmul(x, self.weight.t()) + self.bias
             elif producer == "x @ W.t()":
                 y = x @ self.weight.t()
+            elif producer == "x @ W, W stored (in, out)":  # autograd writes mm(A.t(), G)
+                y = x @ self.weight_in_out
             elif producer == "einsum (bmm)":
                 y = torch.einsum("btc,oc->bto", x, self.weight) + self.bias
             else:

@@ -351,11 +351,6 @@ def _rescale(emit: _Emitter, node: fx.Node, s_c: fx.Node, axis: int) -> None:
         reader.replace_input_with(node, scaled)
 
 
-def _feature_axis_of_weight_grad(node: fx.Node) -> int:
-    """``mm(G.t(), A)`` is ``(out, in)``; ``bmm(A.mT, G)`` is ``(batch, in, out)``."""
-    return 0 if node.target is aten.mm.default else node.meta["val"].ndim - 1
-
-
 def _fold_linear_backward(graph: fx.Graph, site: LinearSite, emit: _Emitter, s_c: fx.Node, w_fold: fx.Node) -> None:
     """Feed ``g`` where autograd fed ``gy = g * s``, and correct each end it reaches:
 
@@ -376,7 +371,7 @@ def _fold_linear_backward(graph: fx.Graph, site: LinearSite, emit: _Emitter, s_c
         with graph.inserting_before(mm):
             mm.replace_input_with(bt, emit(bt.target, w_fold, *bt.args[1:]))
     for gw in site.grad_weight_mms:
-        _rescale(emit, gw, s_c, _feature_axis_of_weight_grad(gw))
+        _rescale(emit, gw, s_c, site.weight_grad_axis(gw))
     for gb, axis in site.grad_bias_sums:
         _rescale(emit, gb, s_c, axis)
     if site.grad_scale_sum is not None:
@@ -384,9 +379,9 @@ def _fold_linear_backward(graph: fx.Graph, site: LinearSite, emit: _Emitter, s_c
         with graph.inserting_before(graph.output_node()):  # fold.run re-sorts the graph
             # sum(g * y)[c] = <raw weight gradient, B> over everything but feature c.
             weight = emit.upcast(site.weight)
-            if raw_gw.target is aten.mm.default:  # (out, in): B transposed
+            axis = site.weight_grad_axis(raw_gw)
+            if axis == 0:  # (out, in): B transposed
                 weight = emit(aten.permute.default, weight, [1, 0])
-            axis = _feature_axis_of_weight_grad(raw_gw)
             dims = [d for d in range(weight.meta["val"].ndim) if d != axis]
             dot = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, emit.upcast(raw_gw), weight), dims)
             if site.biases:

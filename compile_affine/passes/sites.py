@@ -196,8 +196,8 @@ class LinearSite(Site):
     """``mm(G, B.t())``: the input's gradient. Only these read ``B * s`` after the fold:
     the ``B.t()`` node itself may be shared with another linear on the same weight."""
     grad_weight_mms: list[fx.Node] = dataclasses.field(default_factory=list)
-    """``mm(G.t(), A)``: ``(out, in)``, one row per feature; for ``bmm``,
-    ``bmm(A.mT, G)``: ``(batch, in, out)``, ``B``'s own layout."""
+    """``mm(G.t(), A)``: ``(out, in)``, one row per feature (``nn.Linear``'s backward);
+    or ``mm(A.t(), G)`` / ``bmm(A.mT, G)``: ``B``'s own layout, features last."""
     grad_bias_sums: list[tuple[fx.Node, int]] = dataclasses.field(default_factory=list)
     """Reductions of the gradient to one value per feature, with the feature axis."""
 
@@ -224,6 +224,12 @@ class LinearSite(Site):
 
     def computes_weight_grad(self) -> bool:
         return bool(self.grad_weight_mms)
+
+    def weight_grad_axis(self, node: fx.Node) -> int:
+        """The feature axis of one of ``grad_weight_mms``."""
+        if node.target is aten.mm.default and node.args[1] is self.mm.args[-2]:
+            return 0  # mm(G.t(), A)
+        return node.meta["val"].ndim - 1
 
     def backward_nodes(self) -> list[fx.Node]:
         nodes = [self.grad_y, self.grad_scale_sum, *self.grad_input_mms, *self.grad_weight_mms]
@@ -674,6 +680,8 @@ def _is_transpose_of(node: Any, target: fx.Node) -> bool:
     if not isinstance(node, fx.Node) or node.args[:1] != (target,):
         return False
     ndim = len(_shape(target))
+    if ndim < 2:
+        return False
     if node.target is aten.t.default:
         return ndim == 2
     if node.target is aten.permute.default:
@@ -752,9 +760,9 @@ def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
             elif target is aten.mm.default and user.args[0] is node and axis == 0 and user.args[1] is a_in:
                 grad_weight_mms.append(user)  # (out, in): one row per feature
                 ours = True
-            elif target is aten.bmm.default and user.args[1] is node and axis == last \
+            elif target in (aten.mm.default, aten.bmm.default) and user.args[1] is node and axis == last \
                     and _is_transpose_of(user.args[0], a_in):  # fmt: skip
-                grad_weight_mms.append(user)  # (batch, in, out): B's own layout
+                grad_weight_mms.append(user)  # ([batch,] in, out): B's own layout
                 ours = True
             elif target is aten.sum.dim_IntList and len(user.args) >= 2:
                 dims = {d % ndim for d in user.args[1]}
