@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .sites import LinearSite, Operand, Site, reaches
+from .sites import LinearSite, Operand, Site, reaches, same_shape
 
 CHANNEL_AXIS = 1  # aten.convolution output is (N, C, *spatial)
 
@@ -33,10 +33,6 @@ def _known_one(size) -> bool:
 
 def _known_equal(a, b) -> bool:
     return statically_known_true(a == b)
-
-
-def _same_shape(a, b) -> bool:
-    return len(a) == len(b) and all(_known_equal(x, y) for x, y in zip(a, b))
 
 
 def operand_problem(operand: Operand, out: torch.Tensor, what: str, axis: int = CHANNEL_AXIS) -> str | None:
@@ -130,7 +126,7 @@ def result_unchanged(site: Site) -> str | None:
     conv, out = _val(site.y), _val(site.tail)
     if out.dtype != conv.dtype and not autocast_promotion(conv.dtype, out.dtype):
         return f"fold would change result dtype ({conv.dtype} -> {out.dtype})"
-    if not _same_shape(out.shape, conv.shape):
+    if not same_shape(out.shape, conv.shape):
         return "fold would change result shape"
     return None
 
@@ -170,7 +166,7 @@ def shift_problem(site: Site) -> str | None:
     # The add must not promote: for addcmul, the result has the shift's dtype.
     product = _val(site.shift) if site.fused_shift and isinstance(site.shift, fx.Node) else _val(site.mul)
     if problem is None and (tail is None or product is None or tail.dtype != product.dtype
-                            or not _same_shape(tail.shape, out.shape)):  # fmt: skip
+                            or not same_shape(tail.shape, out.shape)):  # fmt: skip
         problem = "shift would change result dtype or shape"
     if problem is None and site.shift_only and tail.dtype != out.dtype:
         problem = "shift promotes the result dtype"  # the bias would have to be wider than the conv

@@ -377,7 +377,7 @@ def _candidates(anchor: fx.Node) -> list[tuple[Any, Operand, dict]]:
         pairs = [(args[0], args[1])] if anchor.target is aten.sub.Tensor else [(args[0], args[1]), (args[1], args[0])]
         sign = -1 if anchor.target is aten.sub.Tensor else 1
         return [(y, 1, {"shift": t, "shift_sign": sign}) for y, t in pairs
-                if not (isinstance(t, fx.Node) and isinstance(y, fx.Node) and _same_shape(_shape(t), _shape(y)))]  # fmt: skip
+                if not (isinstance(t, fx.Node) and isinstance(y, fx.Node) and same_shape(_shape(t), _shape(y)))]  # fmt: skip
     return []
 
 
@@ -654,7 +654,7 @@ def _linear_site(anchor: fx.Node, y: fx.Node, scale: Operand, extra: dict) -> Li
     axis, prev = len(_shape(mm)) - 1, mm  # the features are mm's (bmm's) last dim
     for node in chain:
         if node.target is aten.add.Tensor:
-            if not _same_shape(_shape(node), _shape(prev)):
+            if not same_shape(_shape(node), _shape(prev)):
                 site.producer_problem = "bias add broadcasts the linear's output"
             site.biases.append((node, 1 if node.args[0] is prev else 0, axis))
             axis_next = axis
@@ -671,7 +671,8 @@ def _linear_site(anchor: fx.Node, y: fx.Node, scale: Operand, extra: dict) -> Li
     return site
 
 
-def _same_shape(a: tuple, b: tuple) -> bool:
+def same_shape(a: tuple, b: tuple) -> bool:
+    """Provably equal shapes, without installing a guard (also used by ``legality``)."""
     return len(a) == len(b) and all(_known(x == y) for x, y in zip(a, b))
 
 
@@ -707,7 +708,7 @@ def _attach_linear_backward(site: LinearSite, backward: set[fx.Node]) -> None:
         g = _scaled_grad(gy, site) if gy in backward else None
         if g is None or (site.grad is not None and g is not site.grad):
             continue
-        if not _same_shape(_shape(g), _shape(site.y)):
+        if not same_shape(_shape(g), _shape(site.y)):
             continue  # g broadcast by s: not a gradient of y
         uses = _gradient_uses(gy, site)
         if uses is None:
@@ -742,7 +743,7 @@ def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
     """Classify every use of ``gy``: None when none is this linear's, a reason string when
     one is ours but another is unrecognised, else the uses."""
     a_in, b_w = site.mm.args[-2], site.weight
-    if not _same_shape(_shape(gy), _shape(site.y)):
+    if not same_shape(_shape(gy), _shape(site.y)):
         return None
     grad_input_mms, grad_weight_mms, bias_sums = [], [], []
     problem, ours = None, False
@@ -771,7 +772,7 @@ def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
                     problem = problem or "gradient reduced over the feature axis"
                 else:
                     bias_sums.append((user, axis if keepdim else 0))
-            elif target is aten.copy.default and user.args[1] is node and _same_shape(_shape(user), _shape(node)):
+            elif target is aten.copy.default and user.args[1] is node and same_shape(_shape(user), _shape(node)):
                 stack.append((user, axis))  # functional copy_ into a same-shaped buffer: the values of node
             elif target in _VIEWS or target in _PERMUTES or target in _SAME or target is _CAST:
                 nxt = _next_axis(user, axis)
