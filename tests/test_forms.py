@@ -8,6 +8,7 @@ import torch.nn as nn
 import compile_affine
 
 from .helpers import ALWAYS, check_against_eager, pass_backend
+from .nets import ConvAffine
 
 
 class Form(nn.Module):
@@ -72,16 +73,12 @@ def test_chain_leaves_one_conv_and_no_multiply_on_activations():
 
 
 def test_addcmul_with_a_per_sample_shift_folds_the_scale_and_adds_the_shift_back():
-    class PerSampleShift(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 6, 3, padding=1)
-            self.s = nn.Parameter(torch.rand(1, 6, 1, 1) + 0.5)
-
+    class PerSampleShift(ConvAffine):
         def forward(self, x):
-            return torch.addcmul(x.mean((1, 2, 3), keepdim=True), self.conv(x), self.s)
+            return torch.addcmul(x.mean((1, 2, 3), keepdim=True), self.conv(x), self.scale)
 
-    check_against_eager(PerSampleShift(), torch.randn(2, 4, 7, 7, requires_grad=True), pass_backend(ALWAYS))
+    model = PerSampleShift(shift=False)
+    check_against_eager(model, torch.randn(2, 4, 7, 7, requires_grad=True), pass_backend(ALWAYS))
     (site,) = compile_affine.report().graphs[0].sites
     assert site.folded
 

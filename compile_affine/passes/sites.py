@@ -88,7 +88,8 @@ class Site:
         return {self.y}
 
     def operands(self) -> dict[str, Any]:
-        return {"weight": self.weight, "scale": self.scale, "shift": self.shift}
+        """Every graph value the fold reads, by name (for the mutated-input rule)."""
+        raise NotImplementedError
 
     def computes_weight_grad(self) -> bool:
         """Whether the model already computes the weight's gradient (the fold reuses it)."""
