@@ -35,7 +35,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops
 from ..report import EpilogueRecord
-from .rewrite import _Emitter
+from .rewrite import Emitter
 
 log = logging.getLogger("compile_affine")
 aten = torch.ops.aten
@@ -166,7 +166,7 @@ def _fuse(graph: fx.Graph, c: _Candidate) -> str | None:
     conv, act = c.conv, c.act
     x, weight, conv_bias, stride, padding, dilation = conv.args[:6]
     groups = conv.args[8]
-    emit = _Emitter(graph, act)
+    emit = Emitter(graph, act)
     with graph.inserting_before(act):
         bias = conv_bias
         if c.add is not None:

@@ -22,7 +22,7 @@ log = logging.getLogger("compile_affine")
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
 # Everything that can change what the pass emits; a change to any of them must miss the cache.
-_SOURCES = tuple(sorted(str(p) for p in (*_PACKAGE.glob("passes/*.py"), _PACKAGE / "settings.py", _PACKAGE / "ops.py")))
+_SOURCES = tuple(sorted(str(p) for p in (*_PACKAGE.glob("passes/**/*.py"), _PACKAGE / "settings.py", _PACKAGE / "ops.py")))
 _graph_ids = itertools.count()
 
 

@@ -1,0 +1,38 @@
+"""Graph surgery for one legal site, forward and backward. Nothing else edits nodes.
+One module per producer (``conv``, ``linear``) on the shared helpers in ``common``;
+linear layers follow the same algebra.
+
+Forward:  ``conv(x, W, b) * s + t``  ->  ``conv(x, W * s, b * s + t)``.
+
+Backward, with ``g`` the gradient of the affine's output and ``y`` the old conv output,
+autograd had computed ``gy = g * s`` for ``convolution_backward`` and ``gs = sum(g * y)``.
+Running ``convolution_backward(g, x, W * s)`` instead gives ``gx`` unchanged, and
+``gW' = corr(x, g)``, ``gb' = sum(g)``, from which, per output channel ``c``:
+
+    gW[c] = gW'[c] * s[c]                  (since corr(x, g * s)[c] = s[c] * corr(x, g)[c])
+    gb[c] = gb'[c] * s[c]
+    gs[c] = sum(gW'[c] * W[c]) + gb'[c] * b[c]      (since y[c] = conv(x, W)[c] + b[c])
+
+All three are weight-sized, so ``y`` need not be saved. The folded weight is computed
+in fp32 and cast back, and is tagged for recompute so the partitioner saves ``W`` and
+``s`` (alive anyway as parameters) instead of a second weight-sized ``W * s``.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..sites import LinearSite, Site
+from .common import JUDGED, Emitter
+from .conv import fold_conv
+from .linear import fold_linear
+
+
+def fold(graph: fx.Graph, site: Site) -> fx.Node:
+    """Rewrite ``site`` in place; returns the folded producer node."""
+    if isinstance(site, LinearSite):
+        return fold_linear(graph, site)
+    return fold_conv(graph, site)
+
+
+__all__ = ["JUDGED", "Emitter", "fold", "fold_conv", "fold_linear"]

@@ -1,0 +1,313 @@
+"""What every rule, the cost model and the rewrite read about a site (``Site``), and
+the graph helpers both producers share: the scale-gradient walk, shift absorption,
+mutated inputs and the backward region.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Union
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+
+Operand = Union[fx.Node, int, float]
+"""A scale or shift: a graph value or a Python scalar baked into the graph."""
+
+
+@dataclasses.dataclass
+class Site:
+    """A producer's output ``y`` feeding a per-channel affine, plus its backward.
+
+    Subclasses say what the producer is (``ConvSite``, ``LinearSite``); everything the
+    rules and the cost model read is defined here.
+    """
+
+    mul: fx.Node
+    """The affine's anchor: ``mul(y, s)``, ``div(y, s)`` or ``addcmul(t, y, s)``."""
+    scale: Operand
+    shift: Operand | None = None
+    shift_node: fx.Node | None = None
+    """The add/sub absorbed into the site; ``tail`` is what the folded producer replaces."""
+    shift_sign: int = 1
+    divide: bool = False
+    """``y / s``: the fold multiplies by ``1 / s``."""
+    unfolded_shift: Operand | None = None
+    """``addcmul``'s shift when it cannot join the fold: the rewrite adds it back."""
+    # Backward (joint graphs only).
+    grad: fx.Node | None = None
+    """``g``: the gradient flowing into the affine's output."""
+    grad_scale_mul: fx.Node | None = None
+    """The node that multiplies ``g`` by ``y`` (for ``y / s``, by ``y / s / s``)."""
+    grad_scale_sum: fx.Node | None = None
+    """Its reduction: the scale's gradient (for ``y / s``, already negated and divided)."""
+    grad_scale_nodes: list[fx.Node] = dataclasses.field(default_factory=list)
+    """The nodes between ``y`` and ``grad_scale_sum``, erased with it."""
+    other_users: list[fx.Node] = dataclasses.field(default_factory=list)
+    """Users of the producer's values that are neither the affine nor its recognised backward."""
+    backward_problem: str | None = None
+    """Set when backward nodes exist but do not have the shape autograd gives them."""
+    mutated_operands: list[str] = dataclasses.field(default_factory=list)
+    """Operands that are, view, or are computed from inputs the graph mutates (training)."""
+    graph_problem: str | None = None
+    """Set when something about the whole graph rules folding out."""
+    producer_problem: str | None = None
+    """Set when the producer's output reaches the affine in a way the fold cannot map."""
+
+    # --- what subclasses define ---------------------------------------------------
+    @property
+    def y(self) -> fx.Node:
+        """The value the affine reads."""
+        raise NotImplementedError
+
+    axis: int = 1
+    """The channel (feature) axis of ``y``."""
+
+    @property
+    def weight(self) -> fx.Node:
+        raise NotImplementedError
+
+    @property
+    def producer(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def produced(self) -> set[fx.Node]:
+        """Every node computing ``y``: nothing the affine's operands depend on may be one."""
+        return {self.y}
+
+    def operands(self) -> dict[str, Any]:
+        """Every graph value the fold reads, by name (for the mutated-input rule)."""
+        raise NotImplementedError
+
+    def computes_weight_grad(self) -> bool:
+        """Whether the model already computes the weight's gradient (the fold reuses it)."""
+        raise NotImplementedError
+
+    def backward_nodes(self) -> list[fx.Node]:
+        """The backward nodes the rewrite will edit: no two sites may share one."""
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------
+    @property
+    def shift_only(self) -> bool:
+        """``y + t`` / ``y - t`` with no scale: only the bias changes."""
+        return self.mul.target in (aten.add.Tensor, aten.sub.Tensor)
+
+    @property
+    def fused_shift(self) -> bool:
+        """The anchor itself adds the shift (``addcmul``, or a bare add/sub)."""
+        return self.mul.target is aten.addcmul.default or self.shift_only
+
+    @property
+    def tail(self) -> fx.Node:
+        return self.shift_node or self.mul
+
+    def refresh(self) -> None:
+        """Re-read scale and shift from the live graph: folding an earlier site in the same
+        round may have replaced the node one of them was (e.g. a shift that is another
+        site's output)."""
+        if self.shift_only:
+            self.shift = other_operand(self.mul, self.y)
+            return
+        if self.fused_shift:  # addcmul(t, y, s) or addcmul(t, s, y)
+            self.scale = self.mul.args[2] if self.mul.args[1] is self.y else self.mul.args[1]
+            if self.shift is not None:
+                self.shift = self.mul.args[0]
+            return
+        self.scale = self.mul.args[1] if self.divide else other_operand(self.mul, self.y)
+        if self.shift_node is not None:
+            self.shift = other_operand(self.shift_node, self.mul)
+
+    def drop_shift(self) -> None:
+        """Fold the scale alone; the shift is added as before."""
+        if self.fused_shift and not self.shift_only:
+            self.unfolded_shift = self.mul.args[0]
+        self.shift = self.shift_node = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InputMutations:
+    """What the backend saw in the Dynamo graph: how many inputs, and which it mutates."""
+
+    inputs: int = 0
+    mutated: frozenset[int] = frozenset()
+
+
+def mutated_inputs(graph: fx.Graph, seen: InputMutations) -> set[fx.Node]:
+    """Joint-graph inputs the compiled code mutates (a buffer updated in place).
+
+    A fold saves x, W and b for backward where autograd saved the conv output; if one is
+    updated after the forward, the folded backward reads the new value. Two sources, both
+    conservative:
+
+    * the joint graph itself: AOTAutograd keeps mutations of inputs that need no grad as
+      ``copy_(primal, new_value)`` in the graph (those would go wrong silently);
+    * ``seen``, the backend's scan of the Dynamo graph. Its inputs line
+      up with the joint graph's only when the counts match (subclass inputs, synthetic
+      bases and effect tokens add or remove inputs); if they do not, every input counts.
+    """
+    primals = [n for n in graph.nodes if n.op == "placeholder" and "tangents" not in str(n.target)]
+    mutated = {
+        n.args[0] for n in graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+        and n.target._schema.is_mutable and n.args and n.args[0] in primals
+    }  # fmt: skip
+    if seen.mutated:
+        if len(primals) != seen.inputs:
+            return set(primals)
+        mutated.update(primals[i] for i in seen.mutated)
+    return mutated
+
+
+def reaches(node: Any, targets: set[fx.Node]) -> bool:
+    """Whether ``node`` is, views, or is computed from one of ``targets``. Computed values
+    count too: the partitioner may recompute them in backward from the mutated input."""
+    if not targets:
+        return False
+    stack, seen = [node] if isinstance(node, fx.Node) else [], set()
+    while stack:
+        n = stack.pop()
+        if n in targets:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def backward_region(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes that depend on a tangent: the backward half of a joint graph (empty in inference)."""
+    region: set[fx.Node] = set()
+    for node in graph.nodes:
+        if (node.op == "placeholder" and "tangents" in str(node.target)) or any(
+            a in region for a in node.all_input_nodes
+        ):
+            region.add(node)
+    return region
+
+
+def other_operand(node: fx.Node, known: Any) -> Any:
+    """The operand of a binary op that is not ``known``."""
+    a, b = node.args[:2]
+    return b if a is known else a
+
+
+def shape_of(node: Any) -> tuple:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def known(expr: Any) -> bool:
+    # statically_known_true never installs a guard, so decisions add no recompiles.
+    return statically_known_true(expr)
+
+
+def same_shape(a: tuple, b: tuple) -> bool:
+    """Provably equal shapes, without installing a guard (also used by ``legality``)."""
+    return len(a) == len(b) and all(known(x == y) for x, y in zip(a, b))
+
+
+def attach_shift(site: Site) -> None:
+    """Absorb a following ``add``/``sub`` of a per-channel shift, if it is the mul's only user.
+
+    Anything unusual (alpha, a second user) simply ends the chain: the mul alone can
+    still fold and the add stays in the graph.
+    """
+    users = list(site.mul.users)
+    if len(users) != 1:
+        return
+    node = users[0]
+    if node.target not in (aten.add.Tensor, aten.sub.Tensor) or node.kwargs.get("alpha", 1) != 1:
+        return
+    if node.target is aten.sub.Tensor and node.args[0] is not site.mul:
+        return  # t - y*s negates y; not a shift of it
+    if node.args[0] is site.mul and node.args[1] is site.mul:
+        return
+    site.shift_node = node
+    site.shift = other_operand(node, site.mul)
+    site.shift_sign = -1 if node.target is aten.sub.Tensor else 1
+
+
+def is_scale(node: Any, site: Site) -> bool:
+    """``s`` itself, or ``s * 1`` as autograd writes addcmul's backward."""
+    if not isinstance(site.scale, fx.Node):  # a Python number, equal but maybe not the same object
+        return not isinstance(node, (fx.Node, bool)) and node == site.scale
+    if node is site.scale:
+        return True
+    return isinstance(node, fx.Node) and node.target is aten.mul.Scalar and node.args == (site.scale, 1)
+
+
+def scaled_grad(node: Any, site: Site) -> fx.Node | None:
+    """``g`` if ``node`` is ``g * s`` (``g / s`` for a division site)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if site.divide:
+        if node.target is aten.div.Tensor and node.args[1] is site.scale and isinstance(node.args[0], fx.Node):
+            return node.args[0]
+        return None
+    if node.target is aten.mul.Tensor:
+        a, b = node.args[:2]
+        if is_scale(b, site) and isinstance(a, fx.Node):
+            return a
+        if is_scale(a, site) and isinstance(b, fx.Node):
+            return b
+    return None
+
+
+def only_user(node: fx.Node, target: Any = None) -> fx.Node | None:
+    users = list(node.users)
+    if len(users) == 1 and (target is None or users[0].target is target):
+        return users[0]
+    return None
+
+
+def scale_grad_of(user: fx.Node, site: Site, backward: set[fx.Node]) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
+    """If ``user`` (a reader of ``y``) starts autograd's scale gradient, return
+    ``(g, the multiply by g, nodes between y and that multiply)``.
+
+    * ``y * s``: ``mul(g, y)``; ``y`` may be read through autograd's ``clone`` (in-place
+      ``mul_``) or ``y * 1`` (addcmul).
+    * ``y / s``: ``mul(-g, y / s / s)``.
+    """
+    y, between = site.y, []
+    reader = user
+    if site.divide:
+        if not (user.target is aten.div.Tensor and user.args == (y, site.scale)):
+            return None
+        second = only_user(user, aten.div.Tensor)
+        if second is None or second.args != (user, site.scale):
+            return None
+        between, reader, y = [user, second], only_user(second), second
+    elif user.target is aten.clone.default or (user.target is aten.mul.Scalar and user.args == (y, 1)):
+        between, reader, y = [user], only_user(user), user
+    if reader is None or reader not in backward or reader.target is not aten.mul.Tensor:
+        return None
+    if y not in reader.args[:2] or reader.args[0] is reader.args[1]:
+        return None
+    g = other_operand(reader, y)
+    if site.divide:
+        if not (isinstance(g, fx.Node) and g.target is aten.neg.default):
+            return None
+        between.append(g)
+        g = g.args[0]
+    return g, reader, between
+
+
+def attach_scale_grad(site: Site, backward: set[fx.Node]) -> None:
+    for user in site.y.users:
+        if user is site.mul:
+            continue
+        found = scale_grad_of(user, site, backward) if site.grad_scale_mul is None else None
+        if found is None:
+            site.other_users.append(user)
+            continue
+        site.grad, site.grad_scale_mul, site.grad_scale_nodes = found
+        total = only_user(site.grad_scale_mul)
+        if total is not None and total.target in (aten.sum.dim_IntList, aten.sum.default):
+            site.grad_scale_sum = total
+        else:
+            site.backward_problem = "scale gradient is not a plain reduction of grad * output"
