@@ -4,9 +4,18 @@ convolution that produces them, in training and inference.
     model = torch.compile(model, backend="compile_affine")
 """
 
+import torch._logging._internal
+
 from .backend import backend
-from .report import Report, report, reset
+from .report import Report, explain, report, reset
 from .settings import Settings
 
+# ``TORCH_LOGS="+compile_affine"`` (DEBUG: every site's decision) and
+# ``torch._logging.set_logs(modules={"compile_affine": logging.DEBUG})`` work as for
+# Inductor's own logs. Torch parses TORCH_LOGS when it is imported, before this line,
+# and enables a log named after an importable module, so the env var works either way;
+# registering makes the name a known alias.
+torch._logging._internal.register_log("compile_affine", "compile_affine")
+
 __version__ = "0.1.0"
-__all__ = ["backend", "report", "reset", "Report", "Settings", "__version__"]
+__all__ = ["backend", "explain", "report", "reset", "Report", "Settings", "__version__"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -17,6 +19,7 @@ from .settings import Settings, split_options
 
 log = logging.getLogger("compile_affine")
 _warned: set[str] = set()
+_warned_lock = threading.Lock()
 
 
 def backend(
@@ -45,12 +48,34 @@ def backend(
         if error is None or settings.strict:
             raise
         _warn_once(error)
-        report.record(report.GraphRecord(graph_name="fallback", training=False, fell_back=str(error)))
+        report.record(report.GraphRecord(graph_name=report.next_graph_name(), training=False, fell_back=str(error)))
         return inductor(gm, example_inputs)
-    if fold_pass.calls == 0:
-        # AOTAutograd's cache served the graph, so the pass did not run this time.
-        report.record(report.GraphRecord(graph_name="cached", training=False, cache_hit=True))
+    key = records_key(gm, example_inputs, fold_pass, mode, inductor_options)
+    if fold_pass.calls:
+        report.persist(key, fold_pass.records)
+    else:
+        # AOTAutograd's cache served the graph, so the pass did not run this time: report
+        # what the compile that made the entry recorded, if it left its records.
+        restored = report.restore(key)
+        for graph in restored or [report.GraphRecord(graph_name=report.next_graph_name(), training=False, cache_hit=True)]:
+            report.record(graph)
     return compiled
+
+
+def records_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fold_pass: AffineFoldPass,
+                mode: str | None, inductor_options: dict[str, Any]) -> str:
+    """The key the pass's records are kept under beside the cache: what AOTAutograd's
+    cache key covers that can change the pass's decisions (the Dynamo graph, the inputs'
+    metadata, grad mode, the pass's uuid: its sources, settings and mutations)."""
+
+    def meta(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return (tuple(map(str, x.shape)), tuple(map(str, x.stride())), str(x.dtype), str(x.device), x.requires_grad)
+        return type(x).__name__ if not isinstance(x, (int, float, bool, str)) else str(x)
+
+    parts = (torch.__version__, fold_pass.uuid(), gm.code, [meta(x) for x in example_inputs],
+             torch.is_grad_enabled(), mode, sorted(map(str, inductor_options.items())))  # fmt: skip
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
 def mutated_inputs(gm: torch.fx.GraphModule) -> InputMutations:
@@ -104,8 +129,10 @@ def _fold_error(e: BaseException) -> AffineFoldError | None:
 
 def _warn_once(error: AffineFoldError) -> None:
     message = f"{error}; compiling this graph with stock Inductor (set options={{'compile_affine': {{'strict': True}}}} to raise)"
-    if message not in _warned:
+    with _warned_lock:
+        first = message not in _warned
         _warned.add(message)
+    if first:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
     log.warning("%s", message)
 

@@ -1,16 +1,29 @@
-"""What the pass did: one ``SiteRecord`` per affine site, grouped per compiled graph.
+"""What the pass did: one ``SiteRecord`` per affine layer the user wrote, grouped per
+compiled graph.
 
 Records accumulate in-process until ``reset()``, so a user can compile, run and
-then ask ``compile_affine.report()`` what happened.
+then ask ``compile_affine.report()`` what happened; ``explain(model, *inputs)`` does
+both on a copy of the model. Only affines the user wrote are sites: the multiplies and
+adds inside another op's decomposition (GELU's ``x * 0.5``, LayerNorm's ``x * rstd``)
+are counted per graph (``GraphRecord.internal``) and named at DEBUG level, not listed.
+
+Each compile's records are also written beside Inductor's caches (``persist`` /
+``restore``), so a graph that AOTAutograd's cache serves in a later process, where the
+pass does not run, still reports the sites and decisions it was compiled with.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
 import dataclasses
+import json
 import logging
+import os
 import threading
 from collections import Counter
-from typing import Iterator
+from typing import Any, Iterator
 
 log = logging.getLogger("compile_affine")
 
@@ -35,6 +48,15 @@ class SiteRecord:
     """Why the site was left alone; None when folded."""
     declined_by_cost: bool = False
     """True when the site was legal but the cost model said folding would not pay."""
+    kind: str = "affine"
+    """What the user wrote: ``affine`` (a multiply, divide or shift) or ``batch_norm``."""
+    summary_reason: str | None = None
+    """The reason in user terms for the one-line summary, e.g. ``weight larger than
+    activation`` for a cost decline; ``reason`` when unset."""
+
+    @property
+    def short_reason(self) -> str | None:
+        return self.summary_reason or self.reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +86,11 @@ class GraphRecord:
     cache folded. Inductor's FX graph cache sits after the pass and does not cause this."""
     epilogues: list[EpilogueRecord] = dataclasses.field(default_factory=list)
     """Conv epilogues considered for fusion (empty unless ``epilogue="auto"``)."""
+    internal: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Multiplies/adds on a conv or linear output that a decomposition of another op
+    wrote (GELU, LayerNorm...), by that op: left alone, and not affine layers."""
+    restored: bool = False
+    """With ``cache_hit``: the sites are the ones recorded when the cache entry was made."""
 
     @property
     def folded(self) -> int:
@@ -79,19 +106,37 @@ class GraphRecord:
     def _summary(self) -> str:
         if self.fell_back:
             return f"{self.graph_name}: pass failed ({self.fell_back}); compiled with stock Inductor"
-        if self.cache_hit:
-            return f"{self.graph_name}: served from Inductor's cache; folds as when the cache entry was made"
-        skipped = Counter(s.reason for s in self.sites if not s.folded)
-        line = f"{self.graph_name}: folded {self.folded} of {len(self.sites)} affine sites"
-        if skipped:
-            detail = ", ".join(f"{n}: {r}" for r, n in skipped.most_common())
-            line += f" ({sum(skipped.values())} skipped: {detail})"
+        if self.cache_hit and not self.restored:
+            return (f"{self.graph_name}: served from AOTAutograd's cache; no record of its sites was found, "
+                    "it folds as the compile that made the cache entry did")
+        name = f"{self.graph_name} (from cache)" if self.cache_hit else self.graph_name
+        kinds = Counter(s.kind for s in self.sites)
+        what = " and ".join(f"{n} {_KIND_NAMES.get(k, k)}{'s' if n != 1 else ''}" for k, n in sorted(kinds.items()))
+        line = f"{name}: {what or 'no affine layers'}"
+        if self.sites:
+            parts = [f"{self.folded} folded"]
+            declined = Counter(s.short_reason for s in self.sites if s.declined_by_cost)
+            if declined:
+                parts.append(f"{sum(declined.values())} declined by cost ({_counted(declined)})")
+            left = Counter(s.short_reason for s in self.sites if not s.folded and not s.declined_by_cost)
+            if left:
+                parts.append(f"{sum(left.values())} left unfolded ({_counted(left)})")
+            line += ": " + ", ".join(parts)
         if self.epilogues:
             line += f"; fused {self.fused_epilogues} of {len(self.epilogues)} conv epilogues"
             left = Counter(e.reason for e in self.epilogues if not e.fused)
             if left:
                 line += " (" + ", ".join(f"{n}: {r}" for r, n in left.most_common()) + ")"
         return line
+
+
+_KIND_NAMES = {"affine": "affine layer", "batch_norm": "eval-mode batch norm"}
+
+
+def _counted(reasons: Counter) -> str:
+    if len(reasons) == 1:
+        return next(iter(reasons))
+    return ", ".join(f"{n}: {r}" for r, n in reasons.most_common())
 
 
 class Report:
@@ -130,11 +175,12 @@ class Report:
         return len(self.sites)
 
     def __str__(self) -> str:
-        header = ("graph", "location", "op", "output", "weight", "scale", "folded", "reason")
+        header = ("graph", "location", "layer", "into", "output", "weight", "scale", "folded", "reason")
         rows = [
             (
-                g.graph_name,
+                g.graph_name + (" (cached)" if g.cache_hit else ""),
                 s.location,
+                s.kind,
                 s.producer,
                 _shape(s.output_shape),
                 _shape(s.weight_shape),
@@ -150,7 +196,7 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         epilogues = f", {self.fused_epilogues} of {len(self.epilogues)} epilogues fused" if self.epilogues else ""
         lines.append(f"{self.folded} folded, {self.skipped} skipped{epilogues}, {len(self.graphs)} graphs")
-        lines += [g.summary() for g in self.graphs if g.fell_back or g.cache_hit]
+        lines += [g.summary() for g in self.graphs if g.fell_back or (g.cache_hit and not g.restored)]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -164,12 +210,41 @@ def _shape(shape: tuple) -> str:
 
 _lock = threading.Lock()
 _graphs: list[GraphRecord] = []
+_graph_count = 0
+_captures: contextvars.ContextVar[tuple[list[GraphRecord], ...]] = contextvars.ContextVar(
+    "compile_affine_captures", default=()
+)
+
+
+def next_graph_name() -> str:
+    """``graph N``, unique in this process (also across ``reset()`` and threads)."""
+    global _graph_count
+    with _lock:
+        _graph_count += 1
+        return f"graph {_graph_count - 1}"
 
 
 def record(graph: GraphRecord) -> None:
     with _lock:
         _graphs.append(graph)
+    for captured in _captures.get():
+        captured.append(graph)
     log.info("%s", graph.summary())
+    if graph.internal:
+        log.debug("%s: left out %d multiplies/adds written by decompositions of other ops (%s)",
+                  graph.graph_name, sum(graph.internal.values()),
+                  ", ".join(f"{op}: {n}" for op, n in sorted(graph.internal.items())))
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[list[GraphRecord]]:
+    """The graphs recorded inside the block, by this thread (and what it calls)."""
+    graphs: list[GraphRecord] = []
+    token = _captures.set((*_captures.get(), graphs))
+    try:
+        yield graphs
+    finally:
+        _captures.reset(token)
 
 
 def report() -> Report:
@@ -181,3 +256,84 @@ def report() -> Report:
 def reset() -> None:
     with _lock:
         _graphs.clear()
+
+
+# --- records beside the cache ---------------------------------------------------------
+
+def _records_dir() -> str:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return os.path.join(cache_dir(), "compile_affine")
+
+
+def persist(key: str, graphs: list[GraphRecord]) -> None:
+    """Keep what this compile recorded beside Inductor's caches under ``key`` (see
+    ``backend.records_key``). Best effort: a read-only cache dir only costs the report."""
+    payload = [dataclasses.asdict(g) for g in graphs]
+    path = os.path.join(_records_dir(), f"{key}.json")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, default=str)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("could not keep the report beside the cache: %s", e)
+
+
+def restore(key: str) -> list[GraphRecord] | None:
+    """The records ``persist`` kept under ``key``, renamed for this process; None if absent."""
+    try:
+        with open(os.path.join(_records_dir(), f"{key}.json")) as f:
+            payload = json.load(f)
+    except (OSError, ValueError):
+        return None
+    graphs = []
+    for g in payload:
+        g = dict(g, graph_name=next_graph_name(), cache_hit=True, restored=True, rank=_rank())
+        g["sites"] = [SiteRecord(**_tuples(s)) for s in g["sites"]]
+        g["epilogues"] = [EpilogueRecord(**_tuples(e)) for e in g["epilogues"]]
+        graphs.append(GraphRecord(**g))
+    return graphs
+
+
+def _tuples(fields: dict[str, Any]) -> dict[str, Any]:
+    """JSON gives lists where the records hold shape tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+# --- explain ------------------------------------------------------------------------
+
+def explain(model: Any, *inputs: Any, **compile_kwargs: Any) -> Report:
+    """What compile_affine does to ``model`` on ``inputs``, like ``torch._dynamo.explain``.
+
+    Compiles a deep copy with ``backend="compile_affine"`` (``compile_kwargs`` go to
+    ``torch.compile``: ``mode``, ``options``, ``dynamic``), runs one forward and, when
+    grad is enabled and an output requires grad, one backward of the outputs' sum so the
+    training graph is compiled too; under ``torch.no_grad()`` only the inference graph.
+    The caller's model, its parameters and their ``.grad``, the inputs and the RNG
+    state are left as they were. Returns the report of those compiles alone.
+    """
+    import torch
+    import torch.utils._pytree as pytree
+
+    original = getattr(model, "_orig_mod", model)  # a torch.compile'd module: explain its module
+    twin = copy.deepcopy(original)
+    compiled = torch.compile(twin, backend="compile_affine", **compile_kwargs)
+
+    def own(t: Any) -> Any:  # inputs the backward must not accumulate into
+        return t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+
+    inputs = pytree.tree_map(own, inputs)
+    devices = sorted({t.device.index or 0 for t in pytree.tree_leaves(inputs)
+                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})  # fmt: skip
+    with capture() as graphs, torch.random.fork_rng(devices=devices):
+        outputs = compiled(*inputs)
+        if torch.is_grad_enabled():
+            grads = [t.sum() for t in pytree.tree_leaves(outputs)
+                     if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()]  # fmt: skip
+            if grads:
+                torch.autograd.backward(grads)
+    if not graphs:
+        log.warning("explain: nothing was compiled (Dynamo ran the model eagerly, or it hit its recompile limit)")
+    return Report(graphs)

@@ -60,7 +60,7 @@ def test_report_counts_and_log_line(caplog):
     report = compile_affine.report()
     assert (report.folded, report.skipped, len(report.graphs)) == (3, 0, 1)
     assert [r.getMessage() for r in caplog.records if r.name == "compile_affine"] == [
-        f"{report.graphs[0].graph_name}: folded 3 of 3 affine sites"
+        f"{report.graphs[0].graph_name}: 3 affine layers: 3 folded"
     ]
     text = str(report)
     assert "nets.py" in text and "conv2d" in text and "2x8x8x8" in text and "3 folded, 0 skipped" in text

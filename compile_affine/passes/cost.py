@@ -20,8 +20,6 @@ import dataclasses
 import math
 
 import torch
-from torch.fx.experimental.symbolic_shapes import optimization_hint
-
 from .sites import Site
 
 @dataclasses.dataclass(frozen=True)
@@ -42,16 +40,42 @@ class Estimate:
             return "cost: fold needs a weight-gradient conv the model does not compute"
         return f"cost: activation {self.activation_elems} < {self.min_ratio} x weight {self.weight_elems} elements"
 
+    def short_reason(self) -> str:
+        """The reason in the user's terms, for the one-line summary."""
+        if self.adds_weight_grad_conv:
+            return "would add a weight-gradient conv"
+        if self.min_ratio <= 1:
+            return "weight larger than activation"
+        return f"activation under {self.min_ratio}x the weight"
+
 
 def _numel(val: torch.Tensor) -> int:
-    # Size hints, not guards: a dynamic batch is costed at the size it was traced with.
-    return math.prod(optimization_hint(s, fallback=8) for s in val.shape)
+    return math.prod(smallest(s) for s in val.shape)
+
+
+def smallest(size: int | torch.SymInt) -> int:
+    """The smallest value ``size`` takes in any call the compiled graph serves.
+
+    A dynamic graph is reused for every size its guards allow, so a fold must pay at the
+    smallest of them, not at the size it was traced with: a graph traced at batch 64 and
+    run at batch 2 must not keep a fold that pays only at 64. That is the lower bound of
+    the symbol's range: 2 for a plain dynamic size (Dynamo specializes 0 and 1, so batch 1
+    compiles a graph of its own and is costed there), or ``mark_dynamic``'s ``min``.
+    Reading the range installs no guard, so the decision adds no recompile.
+    """
+    if isinstance(size, int):
+        return size
+    try:
+        lower = size.node.shape_env.bound_sympy(size.node.expr).lower
+    except AttributeError:  # no shape env to ask: assume the worst
+        return 1
+    return max(int(lower), 1) if lower.is_finite else 1
 
 
 def estimate(site: Site, min_ratio: float) -> Estimate:
     return Estimate(
         activation_elems=_numel(site.y.meta["val"]),
-        weight_elems=_numel(site.weight.meta["val"]),
+        weight_elems=_numel(site.real_weight.meta["val"]),
         adds_weight_grad_conv=site.grad_scale_sum is not None and not site.computes_weight_grad(),
         min_ratio=min_ratio,
     )

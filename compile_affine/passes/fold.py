@@ -3,10 +3,10 @@ find sites, decide per site, rewrite, record."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import pathlib
 import re
+from collections import Counter
 
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -23,7 +23,6 @@ log = logging.getLogger("compile_affine")
 _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
 # Everything that can change what the pass emits; a change to any of them must miss the cache.
 _SOURCES = tuple(sorted(str(p) for p in (*_PACKAGE.glob("passes/**/*.py"), _PACKAGE / "settings.py", _PACKAGE / "ops.py")))
-_graph_ids = itertools.count()
 
 
 class AffineFoldError(RuntimeError):
@@ -36,6 +35,8 @@ class AffineFoldPass(CustomGraphPass):
         self.mutations = mutations
         """Which inputs of the graph being compiled it mutates (see sites.mutated_inputs)."""
         self.calls = 0
+        self.records: list[report.GraphRecord] = []
+        """What this pass recorded (one backend call), for the copy kept beside the cache."""
 
     def uuid(self) -> bytes:
         return get_hash_for_files(_SOURCES, extra=f"{self.settings!r} {self.mutations!r}")
@@ -46,25 +47,32 @@ class AffineFoldPass(CustomGraphPass):
             record = run(graph.owning_module, self.settings, self.mutations)
         except Exception as e:
             raise AffineFoldError(f"compile_affine pass failed: {type(e).__name__}: {e}") from e
+        self.records.append(record)
         report.record(record)
 
 
 def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = InputMutations()) -> report.GraphRecord:
     training = bool(backward_region(gm.graph))
-    record = report.GraphRecord(graph_name=f"graph {next(_graph_ids)}", training=training)
+    record = report.GraphRecord(graph_name=report.next_graph_name(), training=training)
     # A fold turns ``conv * s1 + t1`` into a conv, which makes a following ``* s2`` a new
     # site (with the backward shape autograd would have given it): repeat until a round
     # folds nothing, so chains of affines fold into one conv.
     judged: set[fx.Node] = set()
+    internal: Counter[str] = Counter()
     while True:
-        new_sites = [site for site in find_sites(gm, mutations)
-                     if site.mul not in judged and not site.mul.meta.get(rewrite.JUDGED)]  # fmt: skip
+        found = [site for site in find_sites(gm, mutations)
+                 if site.mul not in judged and not site.mul.meta.get(rewrite.JUDGED)]  # fmt: skip
         # A shift judged with its multiply (and left as an add) is not a new site later.
-        judged.update(n for site in new_sites for n in (site.mul, site.shift_node) if n is not None)
+        judged.update(n for site in found for n in (site.mul, site.shift_node) if n is not None)
+        # GELU's ``y * 0.5`` on a linear output is not an affine layer: never folded
+        # (its output is always reused), never listed, only counted.
+        internal.update(site.decomposed_from for site in found if site.decomposed_from)
+        new_sites = [site for site in found if not site.decomposed_from]
         records = [_decide_and_fold(gm.graph, site, settings) for site in new_sites]
         record.sites += records
         if not any(r.folded for r in records):
             break
+    record.internal = dict(internal)
     if record.folded:
         stable_topological_sort(gm.graph)  # a linear fold emits nodes where their inputs are not all defined yet
         gm.graph.lint()
@@ -82,26 +90,29 @@ def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.
     facts = _facts(site)  # before the rewrite erases the nodes
     reason = shift_problem if site.shift_only else None
     reason = reason or legality.check(site)
-    declined = False
+    declined, summary_reason = False, None
     if reason is None and settings.fold == "never":
         reason = "fold='never'"
     if reason is None and settings.fold == "auto":
         estimate = cost.estimate(site, settings.min_activation_ratio)
         if not estimate.pays:
-            reason, declined = estimate.reason(), True
+            reason, summary_reason, declined = estimate.reason(), estimate.short_reason(), True
     if reason is None:
         rewrite.fold(graph, site)
     log.debug("site %s: %s", facts["location"], reason or "folded")
-    return report.SiteRecord(**facts, folded=reason is None, reason=reason, declined_by_cost=declined)
+    return report.SiteRecord(**facts, folded=reason is None, reason=reason, declined_by_cost=declined,
+                             summary_reason=summary_reason)
 
 
 def _facts(site: Site) -> dict:
     def shape(n) -> tuple:
         val = n.meta.get("val") if isinstance(n, fx.Node) else None
-        return tuple(val.shape) if val is not None else ()
+        # A symbolic size is shown as its expression (``s0``): records must outlive the graph.
+        return tuple(d if isinstance(d, int) else str(d) for d in val.shape) if val is not None else ()
 
     return dict(
         location=_location(site.mul),
+        kind=site.kind,
         producer=site.producer,
         output_shape=shape(site.y),
         weight_shape=shape(site.weight),

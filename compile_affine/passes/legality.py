@@ -87,6 +87,9 @@ def output_not_reused(site: Site) -> str | None:
 
 
 def backward_recognised(site: Site) -> str | None:
+    if site.backward_readers:
+        ops = ", ".join(sorted({str(n.target) for n in site.backward_readers}))
+        return f"backward form not recognised ({ops} reads the {site.producer} output)"
     return site.backward_problem
 
 

@@ -21,13 +21,18 @@ def fold_linear(graph: fx.Graph, site: LinearSite) -> fx.Node:
     b_w, a_in = site.weight, site.mm.args[-2]
     w_val = b_w.meta["val"]
     out, y_val = w_val.shape[-1], site.y.meta["val"]
-    feature_row = [1] * (w_val.ndim - 1) + [out]
     emit = Emitter(graph, site.mm)
     compute = torch.promote_types(w_val.dtype, torch.float32)
     with graph.inserting_before(site.tail):
         emit.recompute = True  # as for convs: backward recomputes B * s from B and s
         s_c = scale_vector(emit, site, out, w_val.device, compute)
-        w_fold = emit.cast(emit(aten.mul.Tensor, emit.upcast(b_w), emit(aten.reshape.default, s_c, feature_row)), w_val.dtype)
+        # A bmm weight broadcast over the batch (``W.t().expand(b, in, out)``) is scaled as
+        # stored and broadcast again: weight-sized work, not batch-times-weight.
+        stored = site.real_weight
+        row = [1] * (stored.meta["val"].ndim - 1) + [out]
+        w_fold = emit.cast(emit(aten.mul.Tensor, emit.upcast(stored), emit(aten.reshape.default, s_c, row)), w_val.dtype)
+        if stored is not b_w:
+            w_fold = emit(aten.expand.default, w_fold, list(w_val.shape))
         emit.recompute = False
         result_dtype = site.tail.meta["val"].dtype
         shift_in_bias = site.shift is not None and result_dtype == y_val.dtype

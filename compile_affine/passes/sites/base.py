@@ -17,6 +17,14 @@ aten = torch.ops.aten
 Operand = Union[fx.Node, int, float]
 """A scale or shift: a graph value or a Python scalar baked into the graph."""
 
+USER_AFFINE_OPS = frozenset(str(op) for op in (
+    aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.div.Tensor, aten.div_.Tensor,
+    aten.addcmul.default, aten.addcmul_.default, aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor,
+))  # fmt: skip
+"""The ops a user writes as an affine, by name (the meta can hold an equal but distinct
+overload object). A node whose ``original_aten`` meta (the op it was decomposed from) is
+another op is arithmetic inside that op, not a layer the user wrote."""
+
 
 @dataclasses.dataclass
 class Site:
@@ -48,6 +56,9 @@ class Site:
     """The nodes between ``y`` and ``grad_scale_sum``, erased with it."""
     other_users: list[fx.Node] = dataclasses.field(default_factory=list)
     """Users of the producer's values that are neither the affine nor its recognised backward."""
+    backward_readers: list[fx.Node] = dataclasses.field(default_factory=list)
+    """Backward nodes reading the producer's output in a form the walk does not know (a
+    torch upgrade that changed a decomposition, a custom autograd.Function)."""
     backward_problem: str | None = None
     """Set when backward nodes exist but do not have the shape autograd gives them."""
     mutated_operands: list[str] = dataclasses.field(default_factory=list)
@@ -75,6 +86,11 @@ class Site:
         raise NotImplementedError
 
     @property
+    def real_weight(self) -> fx.Node:
+        """The weight as stored, which the fold scales (``weight`` may be a broadcast of it)."""
+        return self.weight
+
+    @property
     def produced(self) -> set[fx.Node]:
         """Every node computing ``y``: nothing the affine's operands depend on may be one."""
         return {self.y}
@@ -92,6 +108,18 @@ class Site:
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------
+    kind = "affine"
+    """What the user wrote, for the report (a batch-norm site says ``batch_norm``)."""
+
+    @property
+    def decomposed_from(self) -> str | None:
+        """The op whose decomposition wrote the anchor (GELU's ``x * 0.5``), when the user
+        did not write it. Nodes without the meta (our own, older graphs) count as the user's."""
+        origin = self.mul.meta.get("original_aten")
+        if origin is None or str(origin) in USER_AFFINE_OPS:
+            return None
+        return str(getattr(origin, "_overloadpacket", origin))
+
     @property
     def shift_only(self) -> bool:
         """``y + t`` / ``y - t`` with no scale: only the bias changes."""
@@ -150,7 +178,7 @@ def mutated_inputs(graph: fx.Graph, seen: InputMutations) -> set[fx.Node]:
       up with the joint graph's only when the counts match (subclass inputs, synthetic
       bases and effect tokens add or remove inputs); if they do not, every input counts.
     """
-    primals = [n for n in graph.nodes if n.op == "placeholder" and "tangents" not in str(n.target)]
+    primals = [n for n in graph.nodes if n.op == "placeholder" and not is_tangent(n)]
     mutated = {
         n.args[0] for n in graph.nodes
         if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
@@ -183,11 +211,31 @@ def backward_region(graph: fx.Graph) -> set[fx.Node]:
     """Nodes that depend on a tangent: the backward half of a joint graph (empty in inference)."""
     region: set[fx.Node] = set()
     for node in graph.nodes:
-        if (node.op == "placeholder" and "tangents" in str(node.target)) or any(
-            a in region for a in node.all_input_nodes
-        ):
+        if is_tangent(node) or any(a in region for a in node.all_input_nodes):
             region.add(node)
     return region
+
+
+def in_backward(node: fx.Node, backward: set[fx.Node]) -> bool:
+    """Traced for the backward: AOTAutograd's tag where the graph has it (it also covers
+    forward values the backward formula recomputes), else depends on a tangent."""
+    tag = node.meta.get("partitioner_tag")
+    return tag == "is_backward" if tag is not None else node in backward
+
+
+def is_tangent(node: fx.Node) -> bool:
+    """A joint graph's gradient input, from what AOTAutograd says of it: its input
+    descriptor (``TangentAOTInput``), else the tag it gives what it traced for backward.
+    Only a graph with neither (an older torch) falls back to the placeholder's name."""
+    if node.op != "placeholder":
+        return False
+    desc = node.meta.get("desc")
+    if desc is not None and callable(getattr(desc, "is_tangent", None)):
+        return bool(desc.is_tangent())
+    tag = node.meta.get("partitioner_tag")
+    if tag is not None:
+        return tag == "is_backward"
+    return "tangents" in str(node.target)
 
 
 def other_operand(node: fx.Node, known: Any) -> Any:
@@ -246,7 +294,7 @@ def scaled_grad(node: Any, site: Site) -> fx.Node | None:
     if not isinstance(node, fx.Node):
         return None
     if site.divide:
-        if node.target is aten.div.Tensor and node.args[1] is site.scale and isinstance(node.args[0], fx.Node):
+        if node.target is aten.div.Tensor and is_scale(node.args[1], site) and isinstance(node.args[0], fx.Node):
             return node.args[0]
         return None
     if node.target is aten.mul.Tensor:
@@ -303,7 +351,7 @@ def attach_scale_grad(site: Site, backward: set[fx.Node]) -> None:
             continue
         found = scale_grad_of(user, site, backward) if site.grad_scale_mul is None else None
         if found is None:
-            site.other_users.append(user)
+            (site.backward_readers if in_backward(user, backward) else site.other_users).append(user)
             continue
         site.grad, site.grad_scale_mul, site.grad_scale_nodes = found
         total = only_user(site.grad_scale_mul)

@@ -55,6 +55,17 @@ class LinearSite(Site):
         return "linear"
 
     @property
+    def real_weight(self) -> fx.Node:
+        """``bmm(A, W.t().expand(b, in, out))``: the unexpanded ``W.t()``, when the expand
+        keeps the feature (last) dim, so the fold scales and costs the stored weight."""
+        w = self.weight
+        if w.target is aten.expand.default and isinstance(w.args[0], fx.Node):
+            src, dst = shape_of(w.args[0]), shape_of(w)
+            if src and len(src) <= len(dst) and known(src[-1] == dst[-1]):
+                return w.args[0]
+        return w
+
+    @property
     def produced(self) -> set[fx.Node]:
         return {self.mm, *self.chain}
 
