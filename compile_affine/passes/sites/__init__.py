@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
 
 from .base import (InputMutations, Operand, Site, attach_scale_grad, attach_shift, backward_region,
-                   mutated_inputs, reaches, same_shape, shape_of)
+                   mutated_inputs, reaches, same_shape, shape_of, traced_for_backward)
 from .conv import CONV_ARG_NAMES, ConvSite, attach_conv_backward
 from .linear import LinearSite, attach_linear_backward, linear_site
 
@@ -58,12 +58,13 @@ def find_sites(gm: fx.GraphModule, seen_mutations: InputMutations = InputMutatio
     # The matcher walks nodes in reverse; report in program order.
     anchors = [n for n in gm.graph.nodes if n in found]
     backward = backward_region(gm.graph)
+    traced = traced_for_backward(gm.graph, backward) if backward else set()
     mutated = mutated_inputs(gm.graph, seen_mutations) if backward else set()
     effectful = any(n.target is torch.ops.higher_order.with_effects for n in gm.graph.nodes)
     sites = []
     for anchor in anchors:
         # A backward mul(g, y) is part of a site, not one.
-        site = None if anchor in backward else _build_site(anchor, backward)
+        site = None if anchor in backward else _build_site(anchor, backward, traced)
         if site is None:
             continue
         # An operand may be a view of, or computed from, a mutated input (``b[:]``, ``b * 2``).
@@ -104,7 +105,7 @@ def _candidates(anchor: fx.Node) -> list[tuple[Any, Operand, dict]]:
     return []
 
 
-def _build_site(anchor: fx.Node, backward: set[fx.Node]) -> Site | None:
+def _build_site(anchor: fx.Node, backward: set[fx.Node], traced: set[fx.Node]) -> Site | None:
     for y, scale, extra in _candidates(anchor):
         if not isinstance(y, fx.Node) or y is scale:
             continue
@@ -125,7 +126,7 @@ def _build_site(anchor: fx.Node, backward: set[fx.Node]) -> Site | None:
             # reads y for it; the backward needs no change, and any reader of y is another.
             site.other_users = [u for u in y.users if u is not anchor]
             return site
-        attach_scale_grad(site, backward)
+        attach_scale_grad(site, backward, traced)
         if isinstance(site, ConvSite):
             attach_conv_backward(site, backward)
         elif site.producer_problem is None:

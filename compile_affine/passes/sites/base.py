@@ -216,11 +216,18 @@ def backward_region(graph: fx.Graph) -> set[fx.Node]:
     return region
 
 
-def in_backward(node: fx.Node, backward: set[fx.Node]) -> bool:
-    """Traced for the backward: AOTAutograd's tag where the graph has it (it also covers
-    forward values the backward formula recomputes), else depends on a tangent."""
-    tag = node.meta.get("partitioner_tag")
-    return tag == "is_backward" if tag is not None else node in backward
+def traced_for_backward(graph: fx.Graph, region: set[fx.Node]) -> set[fx.Node]:
+    """Every node a backward formula wrote, whether or not it reads a tangent (batch
+    norm's recomputed ``y - mean``, a custom autograd.Function reading a saved value):
+    AOTAutograd's ``partitioner_tag`` where it set one, and for untagged nodes, whatever
+    comes after the first node of ``region`` (AOTAutograd traces the whole forward first)."""
+    traced, started = set(), False
+    for node in graph.nodes:
+        started = started or (node in region and node.op != "placeholder")
+        tag = node.meta.get("partitioner_tag")
+        if node in region or tag == "is_backward" or (tag is None and started and node.op != "output"):
+            traced.add(node)
+    return traced
 
 
 def is_tangent(node: fx.Node) -> bool:
@@ -345,13 +352,13 @@ def scale_grad_of(user: fx.Node, site: Site, backward: set[fx.Node]) -> tuple[fx
     return g, reader, between
 
 
-def attach_scale_grad(site: Site, backward: set[fx.Node]) -> None:
+def attach_scale_grad(site: Site, backward: set[fx.Node], traced: set[fx.Node]) -> None:
     for user in site.y.users:
         if user is site.mul:
             continue
         found = scale_grad_of(user, site, backward) if site.grad_scale_mul is None else None
         if found is None:
-            (site.backward_readers if in_backward(user, backward) else site.other_users).append(user)
+            (site.backward_readers if user in traced else site.other_users).append(user)
             continue
         site.grad, site.grad_scale_mul, site.grad_scale_nodes = found
         total = only_user(site.grad_scale_mul)
