@@ -332,3 +332,41 @@ def test_fuzz_linear_against_eager(cfg):
         sites = compile_affine.report().graphs[0].sites
         first = next(s for s in sites if s.producer == "linear")
         assert first.folded == expected_linear_fold(c, x.shape), (first.reason, c)
+
+
+# --- fp32 accuracy of the fold --------------------------------------------------------------
+
+_FP32_EXAMPLES = 25 if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci" else 500
+
+
+@settings(max_examples=_FP32_EXAMPLES)
+@given(configs())
+def test_fuzz_fp32_error_within_a_factor_of_the_unfolded_graph(cfg):
+    """A legal conv site in fp32: every gradient's error against float64 stays within 4x
+    the unfolded graph's (floored at 1e-5: cancelling gradients behind a saturated tanh
+    are rounding noise either way)."""
+    from .test_numerics import NEVER, fp32_errors
+
+    c = dict(cfg, extra_user=False, inference=False, requires=[True] * 5)
+    assume(c["scale"] in LEGAL_SCALES and c["shift"] != "per_sample")
+    x = torch.randn(2, c["cin"], *(c["size"],) * c["dims"])
+    probe = torch.zeros(*(c["cin"], c["cout"] // c["groups"]) if c["transposed"] else (c["cout"], c["cin"] // c["groups"]), *(c["k"],) * c["dims"])
+    try:
+        if c["transposed"]:
+            conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[c["dims"]]
+            out_shape = conv(x, probe, None, c["stride"], c["padding"], c["output_padding"], c["groups"], c["dilation"]).shape
+        else:
+            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[c["dims"]]
+            out_shape = conv(x, probe, None, c["stride"], c["padding"], c["dilation"], c["groups"]).shape
+    except RuntimeError:
+        assume(False)
+    assume(all(size > 0 for size in out_shape))
+    torch.manual_seed(0)
+    model = Fuzzed(c, out_shape)
+    compile_affine.reset()
+    unfolded = fp32_errors(model, x, NEVER)
+    compile_affine.reset()
+    folded = fp32_errors(model, x, ALWAYS)
+    assert compile_affine.report().graphs[0].sites[0].folded, c
+    bad = [f"{k}: folded {folded[k]:.2e} unfolded {unfolded[k]:.2e}" for k in unfolded if folded[k] > 4 * max(unfolded[k], 1e-5)]
+    assert not bad, (bad, c)
