@@ -35,6 +35,8 @@ class SiteRecord:
     """Why the site was left alone; None when folded."""
     declined_by_cost: bool = False
     """True when the site was legal but the cost model said folding would not pay."""
+    kind: str = "affine"
+    """What the user wrote: ``"affine"`` or ``"batch_norm"`` (an eval-mode batch norm)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from .. import report
 from ..settings import Settings
 from . import cost, legality, rewrite
 from .epilogue import fuse_epilogues
-from .sites import InputMutations, Site, backward_region, find_sites
+from .sites import BatchNorm, InputMutations, Site, backward_region, find_batch_norms, find_sites
 
 log = logging.getLogger("compile_affine")
 
@@ -52,6 +52,7 @@ class AffineFoldPass(CustomGraphPass):
 def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = InputMutations()) -> report.GraphRecord:
     training = bool(backward_region(gm.graph))
     record = report.GraphRecord(graph_name=f"graph {next(_graph_ids)}", training=training)
+    normalised = _normalise_batch_norms(gm, settings, mutations, record)
     # A fold turns ``conv * s1 + t1`` into a conv, which makes a following ``* s2`` a new
     # site (with the backward shape autograd would have given it): repeat until a round
     # folds nothing, so chains of affines fold into one conv.
@@ -65,13 +66,37 @@ def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = Inpu
         record.sites += records
         if not any(r.folded for r in records):
             break
-    if record.folded:
+    if record.folded or normalised:
         stable_topological_sort(gm.graph)  # a linear fold emits nodes where their inputs are not all defined yet
         gm.graph.lint()
         gm.recompile()
     if settings.epilogue == "auto":
         record.epilogues = fuse_epilogues(gm, _location)
     return record
+
+
+def _normalise_batch_norms(gm: fx.GraphModule, settings: Settings, mutations: InputMutations,
+                           record: report.GraphRecord) -> bool:
+    """Eval-mode batch norms become generic sites (``rewrite.batchnorm``); those that may
+    not are recorded here, and their ``sub(y, rm)`` is not judged again as a bare shift."""
+    normalised = False
+    for bn in find_batch_norms(gm, mutations):
+        reason = bn.problem or ("fold='never'" if settings.fold == "never" else None)
+        if reason is None:
+            rewrite.normalise_batch_norm(gm.graph, bn)
+            normalised = True
+            continue
+        for sub in (bn.sub, *bn.backward_subs):
+            sub.meta[rewrite.JUDGED] = True
+        log.debug("batch norm %s: %s", _location(bn.norm), reason)
+        record.sites.append(report.SiteRecord(**_batch_norm_facts(bn), folded=False, reason=reason))
+    return normalised
+
+
+def _batch_norm_facts(bn: BatchNorm) -> dict:
+    weight = bn.linear.weight if bn.linear is not None else bn.y.args[1]
+    return dict(location=_location(bn.norm), producer=bn.producer, output_shape=tuple(bn.y.meta["val"].shape),
+                weight_shape=tuple(weight.meta["val"].shape), scale_shape=(bn.channels,), kind="batch_norm")
 
 
 def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.SiteRecord:
@@ -106,6 +131,7 @@ def _facts(site: Site) -> dict:
         output_shape=shape(site.y),
         weight_shape=shape(site.weight),
         scale_shape=shape(site.scale),
+        kind=site.kind,
     )
 
 

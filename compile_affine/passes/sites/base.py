@@ -56,6 +56,8 @@ class Site:
     """Set when something about the whole graph rules folding out."""
     producer_problem: str | None = None
     """Set when the producer's output reaches the affine in a way the fold cannot map."""
+    kind: str = "affine"
+    """What the user wrote: ``"affine"``, or ``"batch_norm"`` for a normalised eval-mode batch norm."""
 
     # --- what subclasses define ---------------------------------------------------
     @property
