@@ -402,3 +402,24 @@ def test_mode_switch_recompiles_without_the_fold():
         torch.testing.assert_close(model.bn.running_var, eager.bn.running_var, rtol=1e-12, atol=1e-12)
     graphs = compile_affine.report().graphs
     assert [g.folded for g in graphs] == [1, 0], str(compile_affine.report())  # the eval graph is reused on switching back
+
+
+# --- the benchmark's fine-tuning mode (not timed here) ------------------------------
+
+
+def test_finetune_bench_keeps_norms_in_eval_and_runs(tmp_path):
+    import json
+
+    import compile_affine.bench.__main__ as bench
+    from compile_affine.bench.models import resnet50_finetune
+
+    model = resnet50_finetune("bn").train()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 53 and not any(m.training for m in norms) and model.training
+    out = tmp_path / "finetune.json"
+    argv = ["finetune", "--batch", "1", "--res", "32", "--steps", "1", "--warmup", "0",
+            "--variants", "none/eager,bn/eager", "--json", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"none / eager", "bn / eager"} and all(r["step_ms"] > 0 for r in rows.values())
+    assert "inductor-conv_bn_eval" in bench.BACKENDS and "bn/inductor-conv_bn_eval" in bench.FINETUNE_VARIANTS
