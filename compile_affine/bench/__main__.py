@@ -7,6 +7,9 @@ blocks: conv -> affine -> relu chains over a shape matrix, activation-heavy to
     weight-heavy, to show where folding pays and that the cost model picks right.
 layerscale: transformer and ConvNeXt MLP blocks with LayerScale (net "affine") and
     without it (net "none"): the linear -> per-feature scale fold.
+finetune: ResNet-50 with every BatchNorm in eval mode while training (net "bn"), against
+    the norms replaced by nn.Identity (net "none", the floor), under stock Inductor, stock
+    Inductor with efficient_conv_bn_eval_fx_passes (the anchor) and compile_affine.
 
 Under ``torchrun --nproc-per-node N -m compile_affine.bench ...`` every variant is
 wrapped in DistributedDataParallel (gloo on CPU, NCCL on CUDA) and each rank prints
@@ -22,7 +25,7 @@ import sys
 
 import torch
 
-from .models import BLOCK_SHAPES, LAYERSCALE_SHAPES, resnet50
+from .models import BLOCK_SHAPES, LAYERSCALE_SHAPES, resnet50, resnet50_finetune
 from .runner import BACKENDS, Runner, Variant, init_distributed, machine, progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,6 +34,7 @@ RESNET_VARIANTS = (
     "none/inductor", "bn/inductor", "affine/inductor",
     "affine/compile_affine",
 )  # fmt: skip
+FINETUNE_VARIANTS = ("none/inductor", "bn/inductor", "bn/inductor-conv_bn_eval", "bn/compile_affine")
 BLOCK_VARIANTS = ("none/inductor", "affine/inductor", "affine/compile_affine", "affine/compile_affine-always")
 BASELINE = "none / inductor"
 
@@ -38,7 +42,7 @@ BASELINE = "none / inductor"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m compile_affine.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("mode", nargs="?", default="resnet", choices=("resnet", "blocks", "layerscale"))
+    p.add_argument("mode", nargs="?", default="resnet", choices=("resnet", "blocks", "layerscale", "finetune"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=8, help="resnet batch (blocks use their own)")
     p.add_argument("--res", type=int, default=160, help="resnet input resolution")
@@ -68,6 +72,14 @@ def run_resnet(args, runner: Runner) -> list[dict]:
     variants = [Variant(net, backend, resnet50(net), x) for net, backend in _variants(args.variants, RESNET_VARIANTS)]
     runner.run(variants, args.steps, args.warmup)
     return [_row("resnet50", v, variants) for v in variants]
+
+
+def run_finetune(args, runner: Runner) -> list[dict]:
+    x = torch.randn(args.batch, 3, args.res, args.res)
+    pairs = _variants(args.variants, FINETUNE_VARIANTS)
+    variants = [Variant(net, backend, resnet50_finetune(net), x) for net, backend in pairs]
+    runner.run(variants, args.steps, args.warmup)
+    return [_row("resnet50 eval-BN", v, variants) for v in variants]
 
 
 def run_blocks(args, runner: Runner) -> list[dict]:
@@ -150,7 +162,8 @@ def main(argv=None) -> int:
     if ddp:
         args.device = init_distributed(args.device)
     runner = Runner(args.device, DTYPES[args.dtype], args.inference, settings, ddp=ddp)
-    rows = (run_resnet if args.mode == "resnet" else run_blocks)(args, runner)
+    modes = {"resnet": run_resnet, "finetune": run_finetune}
+    rows = modes.get(args.mode, run_blocks)(args, runner)
     info = machine()
     command = "python -m compile_affine.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     rank = f"# rank {info['rank']} of {info['world_size']} (DDP)\n" if ddp else ""

@@ -37,6 +37,38 @@ def resnet50(norm: str) -> nn.Module:
     return tv_resnet50(norm_layer=NORMS[norm])
 
 
+class NormEval(nn.Module):
+    """Fine-tuning with frozen statistics (OpenMMLab's ``norm_eval=True``): ``train()``
+    trains everything but keeps every batch norm in eval mode; weight and bias still learn."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def train(self, mode: bool = True) -> "NormEval":
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def resnet50_finetune(norm: str) -> nn.Module:
+    """``bn``: torchvision ResNet-50 with every BatchNorm in eval mode; ``none``: the norms
+    replaced by ``nn.Identity`` (the floor). Running statistics are made non-trivial."""
+    model = resnet50(norm)
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.1, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+    return NormEval(model).train()
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockShape:
     """A chain of ``depth`` identical conv -> norm -> relu blocks."""

@@ -19,7 +19,8 @@ import compile_affine
 
 from .measure import saved_for_backward
 
-BACKENDS = ("eager", "inductor", "compile_affine", "compile_affine-always", "compile_affine-epilogue")
+BACKENDS = ("eager", "inductor", "inductor-conv_bn_eval", "compile_affine", "compile_affine-always",
+            "compile_affine-epilogue")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -58,6 +59,8 @@ def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
         return model
     if backend == "inductor":
         return torch.compile(model)
+    if backend == "inductor-conv_bn_eval":  # stock Inductor's own eval-BN rewrite: the anchor
+        return torch.compile(model, options={"efficient_conv_bn_eval_fx_passes": True})
     fold = "always" if backend.endswith("-always") else "auto"
     epilogue = "auto" if backend.endswith("-epilogue") else "off"
     ours = {**settings, "fold": fold, "epilogue": epilogue}

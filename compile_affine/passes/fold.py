@@ -16,7 +16,7 @@ from .. import report
 from ..settings import Settings
 from . import cost, legality, rewrite
 from .epilogue import fuse_epilogues
-from .sites import InputMutations, Site, backward_region, find_sites
+from .sites import BatchNorm, InputMutations, Site, backward_region, find_batch_norms, find_sites
 
 log = logging.getLogger("compile_affine")
 
@@ -54,6 +54,7 @@ class AffineFoldPass(CustomGraphPass):
 def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = InputMutations()) -> report.GraphRecord:
     training = bool(backward_region(gm.graph))
     record = report.GraphRecord(graph_name=report.next_graph_name(), training=training)
+    normalised = _normalise_batch_norms(gm, settings, mutations, record)
     # A fold turns ``conv * s1 + t1`` into a conv, which makes a following ``* s2`` a new
     # site (with the backward shape autograd would have given it): repeat until a round
     # folds nothing, so chains of affines fold into one conv.
@@ -73,13 +74,37 @@ def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = Inpu
         if not any(r.folded for r in records):
             break
     record.internal = dict(internal)
-    if record.folded:
+    if record.folded or normalised:
         stable_topological_sort(gm.graph)  # a linear fold emits nodes where their inputs are not all defined yet
         gm.graph.lint()
         gm.recompile()
     if settings.epilogue == "auto":
         record.epilogues = fuse_epilogues(gm, _location)
     return record
+
+
+def _normalise_batch_norms(gm: fx.GraphModule, settings: Settings, mutations: InputMutations,
+                           record: report.GraphRecord) -> bool:
+    """Eval-mode batch norms become generic sites (``rewrite.batchnorm``); those that may
+    not are recorded here, and their ``sub(y, rm)`` is not judged again as a bare shift."""
+    normalised = False
+    for bn in find_batch_norms(gm, mutations):
+        reason = bn.problem or ("fold='never'" if settings.fold == "never" else None)
+        if reason is None:
+            rewrite.normalise_batch_norm(gm.graph, bn)
+            normalised = True
+            continue
+        for sub in (bn.sub, *bn.backward_subs):
+            sub.meta[rewrite.JUDGED] = True
+        log.debug("batch norm %s: %s", _location(bn.norm), reason)
+        record.sites.append(report.SiteRecord(**_batch_norm_facts(bn), folded=False, reason=reason))
+    return normalised
+
+
+def _batch_norm_facts(bn: BatchNorm) -> dict:
+    weight = bn.linear.weight if bn.linear is not None else bn.y.args[1]
+    return dict(location=_location(bn.norm), producer=bn.producer, output_shape=_shape(bn.y),
+                weight_shape=_shape(weight), scale_shape=(bn.channels,), kind="batch_norm")
 
 
 def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.SiteRecord:
@@ -105,19 +130,20 @@ def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.
 
 
 def _facts(site: Site) -> dict:
-    def shape(n) -> tuple:
-        val = n.meta.get("val") if isinstance(n, fx.Node) else None
-        # A symbolic size is shown as its expression (``s0``): records must outlive the graph.
-        return tuple(d if isinstance(d, int) else str(d) for d in val.shape) if val is not None else ()
-
     return dict(
         location=_location(site.mul),
         kind=site.kind,
         producer=site.producer,
-        output_shape=shape(site.y),
-        weight_shape=shape(site.weight),
-        scale_shape=shape(site.scale),
+        output_shape=_shape(site.y),
+        weight_shape=_shape(site.weight),
+        scale_shape=_shape(site.scale),
     )
+
+
+def _shape(n) -> tuple:
+    val = n.meta.get("val") if isinstance(n, fx.Node) else None
+    # A symbolic size is shown as its expression (``s0``): records must outlive the graph.
+    return tuple(d if isinstance(d, int) else str(d) for d in val.shape) if val is not None else ()
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..sites import LinearSite, Site
+from .batchnorm import normalise as normalise_batch_norm
 from .common import JUDGED, Emitter
 from .conv import fold_conv
 from .linear import fold_linear
@@ -35,4 +36,4 @@ def fold(graph: fx.Graph, site: Site) -> fx.Node:
     return fold_conv(graph, site)
 
 
-__all__ = ["JUDGED", "Emitter", "fold", "fold_conv", "fold_linear"]
+__all__ = ["JUDGED", "Emitter", "fold", "fold_conv", "fold_linear", "normalise_batch_norm"]

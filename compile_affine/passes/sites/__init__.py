@@ -19,6 +19,7 @@ from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMat
 from .base import (InputMutations, Operand, Site, attach_scale_grad, attach_shift, backward_region,
                    mutated_inputs, reaches, same_shape, shape_of, traced_for_backward)
 from .conv import CONV_ARG_NAMES, ConvSite, attach_conv_backward
+from .batchnorm import KIND, BatchNorm, find_batch_norms
 from .linear import LinearSite, attach_linear_backward, linear_site
 
 aten = torch.ops.aten
@@ -67,6 +68,7 @@ def find_sites(gm: fx.GraphModule, seen_mutations: InputMutations = InputMutatio
         site = None if anchor in backward else _build_site(anchor, backward, traced)
         if site is None:
             continue
+        site.kind = anchor.meta.get(KIND, site.kind)
         # An operand may be a view of, or computed from, a mutated input (``b[:]``, ``b * 2``).
         site.mutated_operands = [k for k, v in site.operands().items() if reaches(v, mutated)]
         if effectful:
@@ -135,5 +137,5 @@ def _build_site(anchor: fx.Node, backward: set[fx.Node], traced: set[fx.Node]) -
     return None
 
 
-__all__ = ["CONV_ARG_NAMES", "ConvSite", "InputMutations", "LinearSite", "Operand", "Site", "backward_region",
+__all__ = ["BatchNorm", "CONV_ARG_NAMES", "ConvSite", "find_batch_norms", "InputMutations", "LinearSite", "Operand", "Site", "backward_region",
            "find_sites", "mutated_inputs", "reaches", "same_shape"]

@@ -67,6 +67,8 @@ class Site:
     """Set when something about the whole graph rules folding out."""
     producer_problem: str | None = None
     """Set when the producer's output reaches the affine in a way the fold cannot map."""
+    kind: str = "affine"
+    """What the user wrote: ``"affine"``, or ``"batch_norm"`` for a normalised eval-mode batch norm."""
 
     # --- what subclasses define ---------------------------------------------------
     @property
@@ -108,9 +110,6 @@ class Site:
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------
-    kind = "affine"
-    """What the user wrote, for the report (a batch-norm site says ``batch_norm``)."""
-
     @property
     def decomposed_from(self) -> str | None:
         """The op whose decomposition wrote the anchor (GELU's ``x * 0.5``), when the user

@@ -1,0 +1,238 @@
+"""Eval-mode batch norm after a convolution or a linear layer.
+
+Inductor decomposes ``batch_norm(y, rm, rv, w, b, training=False)`` into
+``sub(y, rm) -> mul(rsqrt(rv + eps)) [-> mul(w)] [-> add(b)]``, but its backward comes
+from the batch-norm backward formula, not from autograd through those ops: it
+recomputes ``sub(y, rm)`` from ``y`` for ``sum(g * (y - rm)) * invstd`` (w's gradient)
+and feeds ``g * (invstd * w)``, computed again from the buffers, to the producer's
+backward. That second reader of ``y`` hides the affine from the generic recognition.
+
+This module only finds such chains and judges whether they may be normalised
+(``BatchNorm.problem``); ``rewrite.batchnorm.normalise`` then turns each into the
+generic form ``conv(x, W, b_conv - rm) * k [+ b]`` with ``k = invstd * w``, with the
+backward written as autograd writes it for that form, so that the generic conv and
+linear folds (and every legality rule and the cost model) apply unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .base import InputMutations, Operand, backward_region, mutated_inputs, only_user, reaches, same_shape, shape_of
+from .linear import LinearSite, linear_site
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+KIND = "compile_affine_kind"
+"""Node meta key on a normalised anchor: the kind of layer the user wrote (``"batch_norm"``)."""
+
+_VIEWS = (aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+          aten.squeeze.dim, aten.squeeze.dims, aten.alias.default, aten.clone.default)  # fmt: skip
+
+
+@dataclasses.dataclass
+class BatchNorm:
+    """One ``(y - rm) * invstd [* w] [+ b]`` chain on a producer's output ``y``."""
+
+    y: fx.Node
+    sub: fx.Node
+    """The forward ``sub(y, rm)``."""
+    norm: fx.Node
+    """``mul(sub, invstd)``."""
+    running_mean: fx.Node
+    """``rm`` as ``sub`` reads it (a per-channel view)."""
+    invstd: fx.Node
+    """The forward's per-channel ``rsqrt(rv + eps)`` view, Inductor's own value."""
+    invstd_key: tuple
+    weight_mul: fx.Node | None = None
+    """``mul(norm, w)``, merged into the scale when ``norm`` has no other reader."""
+    weight: Operand | None = None
+    linear: LinearSite | None = None
+    """The producer when it is a linear layer (``y`` is then the end of its views)."""
+    backward_subs: list[fx.Node] = dataclasses.field(default_factory=list)
+    """The backward formula's ``sub(y, rm)``: the same values as ``sub``."""
+    backward_scales: list[tuple[fx.Node, int]] = dataclasses.field(default_factory=list)
+    """``(mul, index)``: ``mul.args[index]`` is the backward's own ``invstd * w`` per channel."""
+    other_readers: list[fx.Node] = dataclasses.field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def producer(self) -> str:
+        if self.linear is not None:
+            return "linear"
+        dims = len(shape_of(self.y.args[1])) - 2
+        return f"conv{'_transpose' if self.y.args[6] else ''}{dims}d"
+
+    @property
+    def tail(self) -> fx.Node:
+        """The last node the normalised scale replaces."""
+        return self.weight_mul or self.norm
+
+    @property
+    def channels(self) -> int:
+        return shape_of(self.y)[1]
+
+
+def strip(node: Any) -> Any:
+    """``node`` through views and value-preserving casts (same dtype) and ``* 1``."""
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target in _VIEWS:
+            node = node.args[0]
+        elif node.target is prims.convert_element_type.default and _dtype(node) == _dtype(node.args[0]):
+            node = node.args[0]
+        elif node.target in (aten.mul.Tensor, aten.mul.Scalar) and node.args[1] == 1 and not isinstance(node.args[1], bool):
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
+def _dtype(node: Any) -> torch.dtype | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def invstd_key(node: Any) -> tuple | None:
+    """``(rv, eps)`` if ``node`` is a view of ``rsqrt(rv + eps)`` (rv up to views and
+    same-dtype casts), as both the forward and the backward decomposition compute it."""
+    node = strip(node)
+    if not (isinstance(node, fx.Node) and node.target is aten.rsqrt.default):
+        return None
+    add = node.args[0]
+    if not (isinstance(add, fx.Node) and add.target is aten.add.Tensor and add.kwargs.get("alpha", 1) == 1):
+        return None
+    rv, eps = add.args[:2]
+    if not isinstance(rv, fx.Node) or isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return None
+    return strip(rv), float(eps)
+
+
+def _per_channel(operand: Any, y: fx.Node, what: str) -> str | None:
+    from ..legality import operand_problem  # legality imports this package
+
+    if not isinstance(operand, fx.Node):
+        return f"batch norm {what} is not a tensor"
+    problem = operand_problem(operand, y.meta["val"], what)
+    if problem is None and shape_of(operand) and torch.Size(shape_of(operand)).numel() != y.meta["val"].shape[1]:
+        problem = f"{what} is not one value per channel"
+    return problem
+
+
+def _producer(y: Any) -> tuple[bool, LinearSite | None]:
+    """Whether ``y`` is a conv's or a linear layer's output (and the linear's facts)."""
+    if not isinstance(y, fx.Node) or y.op != "call_function":
+        return False, None
+    if y.target is aten.convolution.default:
+        return True, None
+    site = linear_site(y, y, 1, {})  # a probe: only the producer's facts are read
+    if site is None or site.producer_problem or site.other_users or site.axis != 1:
+        return False, None
+    return True, site
+
+
+def find_batch_norms(gm: fx.GraphModule, seen: InputMutations = InputMutations()) -> list[BatchNorm]:
+    graph = gm.graph
+    backward = backward_region(graph)
+    mutated = mutated_inputs(graph, seen)
+    found = []
+    for sub in graph.nodes:
+        if sub.target is not aten.sub.Tensor or sub in backward or sub.kwargs.get("alpha", 1) != 1:
+            continue
+        y, rm = sub.args[:2]
+        norm = only_user(sub, aten.mul.Tensor)
+        if norm is None or not isinstance(rm, fx.Node):
+            continue
+        inv = norm.args[1] if norm.args[0] is sub else norm.args[0]
+        key = invstd_key(inv)
+        ok, linear = _producer(y)
+        if key is None or not ok:
+            continue
+        bn = BatchNorm(y=y, sub=sub, norm=norm, running_mean=rm, invstd=inv, invstd_key=key, linear=linear)
+        _attach_weight(bn)
+        _attach_backward_subs(bn)
+        bn.problem = _problem(bn, backward, mutated)
+        found.append(bn)
+    return found
+
+
+def _attach_weight(bn: BatchNorm) -> None:
+    """Merge ``* w`` into the scale when only it reads the normalised value (the batch-norm
+    formula's backward never does; autograd's would, for a user's own ``* gamma``)."""
+    mul = only_user(bn.norm, aten.mul.Tensor)
+    if mul is None or mul.args[0] is mul.args[1]:
+        return
+    w = mul.args[1] if mul.args[0] is bn.norm else mul.args[0]
+    produced = {bn.y, *(bn.linear.produced if bn.linear else ())}
+    if isinstance(w, fx.Node) and _per_channel(w, bn.y, "weight") is None and not reaches(w, produced):
+        bn.weight_mul, bn.weight = mul, w
+
+
+def _attach_backward_subs(bn: BatchNorm) -> None:
+    """Sort the other readers of ``y``: the formula's ``sub(y, rm)`` (it reads no tangent,
+    so it may sit in either region), or anything else."""
+    rm_base = strip(bn.running_mean)
+    y_val = bn.y.meta["val"]
+    for user in bn.y.users:
+        if user is bn.sub:
+            continue
+        if (user.target is aten.sub.Tensor and user.args[0] is bn.y and user.kwargs.get("alpha", 1) == 1
+                and isinstance(user.args[1], fx.Node) and strip(user.args[1]) is rm_base
+                and _per_channel(user.args[1], bn.y, "running mean") is None
+                and same_shape(shape_of(user), shape_of(bn.y)) and _dtype(user) == y_val.dtype):  # fmt: skip
+            bn.backward_subs.append(user)
+        else:
+            bn.other_readers.append(user)
+
+
+def _problem(bn: BatchNorm, backward: set[fx.Node], mutated: set[fx.Node]) -> str | None:
+    produced = {bn.y, *(bn.linear.produced if bn.linear else ())}
+    if reaches(bn.running_mean, produced) or reaches(bn.invstd, produced):
+        return "batch norm uses batch statistics (training mode)"
+    for what, operand in (("running mean", bn.running_mean), ("invstd", bn.invstd)):
+        problem = _per_channel(operand, bn.y, what)
+        if problem:
+            return problem
+    y_val, out = bn.y.meta["val"], bn.tail.meta.get("val")
+    if out is None or out.dtype != y_val.dtype or bn.sub.meta["val"].dtype != y_val.dtype:
+        return "batch norm computes in a wider dtype than its producer"
+    if not same_shape(tuple(out.shape), tuple(y_val.shape)):
+        return "batch norm would change the result shape"
+    if reaches(bn.running_mean, mutated) or reaches(bn.invstd, mutated) or reaches(bn.weight, mutated):
+        return "graph mutates the batch norm's running statistics or weight"
+    if bn.other_readers:
+        return f"{'linear' if bn.linear else 'conv'} output reused"
+    bn.backward_scales = _backward_scales(bn, backward)
+    return None
+
+
+def _same_scale(node: Any, bn: BatchNorm) -> bool:
+    """Is ``node`` (stripped) the value ``invstd [* w]``, recomputed from the same buffers?"""
+    node = strip(node)
+    if bn.weight is None:
+        return invstd_key(node) == bn.invstd_key
+    if not (isinstance(node, fx.Node) and node.target is aten.mul.Tensor):
+        return False
+    a, b = node.args[:2]
+    w = strip(bn.weight)
+    return (invstd_key(a) == bn.invstd_key and strip(b) is w) or (invstd_key(b) == bn.invstd_key and strip(a) is w)
+
+
+def _backward_scales(bn: BatchNorm, backward: set[fx.Node]) -> list[tuple[fx.Node, int]]:
+    """The backward's ``g * (invstd * w)``: it feeds the producer's backward, and is
+    recognised there only if it multiplies by the forward's scale node itself."""
+    found = []
+    for node in backward:
+        if node.target is not aten.mul.Tensor or not same_shape(shape_of(node), shape_of(bn.y)):
+            continue
+        for i in (0, 1):
+            operand = node.args[i]
+            if (isinstance(operand, fx.Node) and len(shape_of(operand)) == len(shape_of(bn.y))
+                    and _per_channel(operand, bn.y, "scale") is None and _same_scale(operand, bn)):  # fmt: skip
+                found.append((node, i))
+                break
+    return found
