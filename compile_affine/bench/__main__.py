@@ -10,6 +10,10 @@ layerscale: transformer and ConvNeXt MLP blocks with LayerScale (net "affine") a
 finetune: ResNet-50 with every BatchNorm in eval mode while training (net "bn"), against
     the norms replaced by nn.Identity (net "none", the floor), under stock Inductor, stock
     Inductor with efficient_conv_bn_eval_fx_passes (the anchor) and compile_affine.
+zoo: timm and torchvision models that carry affines (LayerScale ViTs and ConvNeXts,
+    MetaFormer, NF-ResNet gains, FrozenBN and eval-BN ResNets, an FPN backbone): sites
+    found, folded, declined, refused; saved bytes and step time against stock Inductor;
+    fp32 and float64 agreement with eager (bench/zoo.py).
 
 Under ``torchrun --nproc-per-node N -m compile_affine.bench ...`` every variant is
 wrapped in DistributedDataParallel (gloo on CPU, NCCL on CUDA) and each rank prints
@@ -25,6 +29,7 @@ import sys
 
 import torch
 
+from . import zoo
 from .models import BLOCK_SHAPES, LAYERSCALE_SHAPES, resnet50, resnet50_finetune
 from .runner import BACKENDS, Runner, Variant, init_distributed, machine, progress
 
@@ -42,9 +47,9 @@ BASELINE = "none / inductor"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m compile_affine.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("mode", nargs="?", default="resnet", choices=("resnet", "blocks", "layerscale", "finetune"))
+    p.add_argument("mode", nargs="?", default="resnet", choices=("resnet", "blocks", "layerscale", "finetune", "zoo"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=8, help="resnet batch (blocks use their own)")
+    p.add_argument("--batch", type=int, default=8, help="resnet and zoo batch (blocks use their own)")
     p.add_argument("--res", type=int, default=160, help="resnet input resolution")
     p.add_argument("--steps", type=int, default=10, help="timed interleaved rounds")
     p.add_argument("--warmup", type=int, default=2)
@@ -53,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-activation-ratio", type=float, help="compile_affine's cost threshold (default: the plugin's)")
     p.add_argument("--variants", help="comma-separated net/backend pairs, e.g. none/inductor,affine/compile_affine")
     p.add_argument("--shapes", help="blocks, layerscale: comma-separated indices into the shape matrix")
+    p.add_argument("--models", help=f"zoo: comma-separated names or 'all' (default: all but the extras); {', '.join(zoo.BY_NAME)}")
+    p.add_argument("--size", type=int, help="zoo: input resolution for every model (default: each model's own)")
+    p.add_argument("--no-float64", action="store_true", help="zoo: skip the float64 run of the pass")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a bar chart of step-time ratios (matplotlib)")
@@ -147,6 +155,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot and args.mode == "zoo":
+        raise SystemExit("--plot draws the resnet and blocks tables; zoo writes a markdown table (and --json)")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Compile time is part of what we measure, so nothing may come from a warm cache.
@@ -161,15 +171,16 @@ def main(argv=None) -> int:
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if ddp:
         args.device = init_distributed(args.device)
-    runner = Runner(args.device, DTYPES[args.dtype], args.inference, settings, ddp=ddp)
-    modes = {"resnet": run_resnet, "finetune": run_finetune}
+    runner = (zoo.ZooRunner if args.mode == "zoo" else Runner)(args.device, DTYPES[args.dtype], args.inference, settings, ddp=ddp)
+    modes = {"resnet": run_resnet, "finetune": run_finetune, "zoo": zoo.run}
     rows = modes.get(args.mode, run_blocks)(args, runner)
     info = machine()
     command = "python -m compile_affine.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     rank = f"# rank {info['rank']} of {info['world_size']} (DDP)\n" if ddp else ""
     print(f"{rank}# {command}\n# {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
-          f"device {args.device}, dtype {args.dtype}, batch {args.batch}, res {args.res}, {args.steps} rounds")  # fmt: skip
-    print(table(rows))
+          f"device {args.device}, dtype {args.dtype}, batch {args.batch}, "
+          f"res {'per model' if args.mode == 'zoo' else args.res}, {args.steps} rounds")  # fmt: skip
+    print(zoo.table(rows) if args.mode == "zoo" else table(rows))
     if args.json:
         with open(f"{args.json}.rank{info['rank']}" if ddp else args.json, "w") as f:
             json.dump({"command": command, "machine": info, "args": vars(args), "rows": rows}, f, indent=2)
