@@ -24,6 +24,7 @@ import torch.nn as nn
 import compile_affine
 from compile_affine.settings import Settings
 
+from .models import NormEval
 from .runner import Runner, Variant, progress
 
 
@@ -119,27 +120,9 @@ def _fpn(backbone_name: str = "resnet18", layers: list[int] | None = None) -> nn
                                            norm_layer=FrozenBatchNorm2d, trainable_layers=5))  # fmt: skip
 
 
-class EvalNorms(nn.Module):
-    """Fine-tuning with frozen statistics (OpenMMLab's ``norm_eval=True``): ``train()``
-    leaves every BatchNorm in eval mode while the rest trains; weights and biases still learn."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def train(self, mode: bool = True) -> EvalNorms:
-        super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-
 def _eval_bn_resnet(arch: str = "resnet18", layers: list[int] | None = None) -> nn.Module:
-    return EvalNorms(_torchvision_resnet(arch, frozen=False, layers=layers))
+    # Built in training mode with every batch norm in eval, as a fine-tuning script has it.
+    return NormEval(_torchvision_resnet(arch, frozen=False, layers=layers)).train()
 
 
 _SCALE_NAMES = {"gamma", "gamma_1", "gamma_2", "ls1", "ls2", "scale", "gain", "skipinit_gain", "alpha"}
