@@ -9,10 +9,19 @@ def _fresh_state():
     """Each test sees only its own compiles in the report and its own Dynamo cache.
 
     Inductor's caches are off so the pass really runs and reports; test_backend
-    turns them back on to test cache behaviour.
+    turns them back on to test cache behaviour. On CUDA, TF32 is off: the fp32
+    tolerances are fp32's, and TF32 rounds eager and compiled differently.
     """
     torch._dynamo.reset()
     compile_affine.reset()
     torch.manual_seed(0)
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
+        if not torch.cuda.is_available():
+            yield
+            return
+        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
