@@ -9,7 +9,7 @@ import compile_affine
 
 from .helpers import (
     ALWAYS,
-    LOW_PRECISION_ATOL,
+    LOW_PRECISION,
     assert_close_rel,
     assert_grads_close,
     check_against_eager,
@@ -46,13 +46,13 @@ def test_low_precision_model_against_fp32_reference(dtype, tol, device):
     out = torch.compile(model, backend=pass_backend(ALWAYS))(x.to(dtype))
     ref = reference(x)
     assert out.dtype == dtype  # what eager produces for a model held in this dtype
-    assert_close_rel(out.float(), ref, tol, "forward", element_atol=LOW_PRECISION_ATOL)
+    assert_close_rel(out.float(), ref, tol, "forward", **LOW_PRECISION)
     g = torch.randn_like(ref)
     out.backward(g.to(dtype))
     ref.backward(g)
     for (name, p), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert p.grad is not None and p.grad.dtype == dtype, name
-        assert_grads_close(p.grad.float(), p_ref.grad, tol, f"grad {name}", element_atol=LOW_PRECISION_ATOL)
+        assert_grads_close(p.grad.float(), p_ref.grad, tol, f"grad {name}", **LOW_PRECISION)
     assert compile_affine.report().graphs[0].folded == 1
 
 
@@ -136,11 +136,11 @@ def test_autocast_through_inductor(device):
         out = torch.compile(model, backend="compile_affine", options={"compile_affine": {"fold": "always", "strict": True}})(x)
     ref = reference(x)
     assert out.dtype == torch.float32
-    assert_close_rel(out, ref, 2e-2, "forward", element_atol=LOW_PRECISION_ATOL)
+    assert_close_rel(out, ref, 2e-2, "forward", **LOW_PRECISION)
     out.sum().backward()
     ref.sum().backward()
     for (name, p), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
-        assert_grads_close(p.grad, p_ref.grad, 2e-2, f"grad {name}", element_atol=LOW_PRECISION_ATOL)
+        assert_grads_close(p.grad, p_ref.grad, 2e-2, f"grad {name}", **LOW_PRECISION)
     assert compile_affine.report().graphs[0].folded == 1
 
 
