@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import compile_affine
+from compile_affine.passes.fold import AffineFoldPass
 
 
 @pytest.fixture(autouse=True)
@@ -25,3 +26,21 @@ def _fresh_state():
             yield
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.fixture(autouse=True)
+def _folds_change_the_graph(monkeypatch):
+    """The report records decisions, not surgery: a rewrite that silently did nothing would
+    still count as folded and pass every numeric check. So every run of the pass in the
+    suite (real backend and harness alike) fails if a graph the report calls folded is
+    unchanged."""
+    original = AffineFoldPass.__call__
+
+    def checked(self, graph):
+        before, recorded = str(graph), len(compile_affine.report().graphs)
+        original(self, graph)
+        graphs = compile_affine.report().graphs
+        if len(graphs) > recorded and graphs[-1].folded and str(graph) == before:
+            raise AssertionError(f"{graphs[-1].graph_name}: the report says folded but the graph is unchanged")
+
+    monkeypatch.setattr(AffineFoldPass, "__call__", checked)

@@ -43,17 +43,13 @@ def _pass_runner(settings: Settings, captured: Captured | None):
     fold_pass = AffineFoldPass(settings)
 
     def run(gm: fx.GraphModule) -> fx.GraphModule:
-        before = graph_text(gm)
         if captured is not None:
-            captured.before.append(before)
+            captured.before.append(graph_text(gm))
         # As the backend does (settings.split_options): COMPILE_AFFINE=0 leaves every graph
         # to stock code, so switching the pass off makes the fold counts fail loudly.
+        # (conftest checks that a graph the report calls folded did change.)
         if settings.enabled and env_enabled():
             fold_pass(gm.graph)
-            # The report records decisions, not surgery: a rewrite that silently did
-            # nothing would still be counted as folded, so check the graph changed too.
-            if compile_affine.report().graphs[-1].folded:
-                assert graph_text(gm) != before, "the report says folded but the graph is unchanged"
         if captured is not None:
             captured.after.append(gm)
         return gm
