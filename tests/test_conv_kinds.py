@@ -5,7 +5,7 @@ import torch
 
 import compile_affine
 
-from .helpers import ALWAYS, check_against_eager, pass_backend
+from .helpers import ALWAYS, check_against_eager, on_devices, pass_backend
 from .nets import ConvNdAffine
 
 CASES = {
@@ -23,13 +23,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_conv_kind_folds_exactly(case):
+@on_devices
+def test_conv_kind_folds_exactly(case, device):
     kw = CASES[case]
     dims = kw.get("dims", 2)
-    model = ConvNdAffine(**kw)
+    model = ConvNdAffine(**kw).to(device)
     size = {1: (9,), 2: (7, 7), 3: (5, 5, 5)}[dims]
-    x = torch.randn(2, kw.get("cin", 4), *size, requires_grad=True)
-    check_against_eager(model, x, pass_backend(ALWAYS))
+    x = torch.randn(2, kw.get("cin", 4), *size, device=device, requires_grad=True)
+    assert check_against_eager(model, x, pass_backend(ALWAYS)) == 1
     site = compile_affine.report().graphs[0].sites[0]
     assert site.folded, site.reason
     assert site.producer == f"conv{'_transpose' if kw.get('transposed') else ''}{dims}d"

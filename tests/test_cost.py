@@ -7,7 +7,7 @@ import torch
 import compile_affine
 from compile_affine.settings import Settings
 
-from .helpers import check_against_eager, pass_backend
+from .helpers import check_against_eager, on_devices, pass_backend
 from .nets import ConvAffine
 
 AUTO = Settings(strict=True)
@@ -18,41 +18,48 @@ def _site():
     return site
 
 
-def test_weight_heavy_site_is_declined():
+@on_devices
+def test_weight_heavy_site_is_declined(device):
     # 64x64x3x3 weight (36,864 elements) against a 1x64x3x3 output (576): folding loses.
-    model = ConvAffine(64, 64)
-    check_against_eager(model, torch.randn(1, 64, 3, 3), pass_backend(AUTO))
+    model = ConvAffine(64, 64).to(device)
+    assert check_against_eager(model, torch.randn(1, 64, 3, 3, device=device), pass_backend(AUTO)) == 0
     site = _site()
     assert not site.folded and site.declined_by_cost
     assert site.reason == "cost: activation 576 < 0.5 x weight 36864 elements"
 
 
-def test_activation_heavy_site_folds():
-    model = ConvAffine(4, 8)  # 8x4x3x3 weight, 2x8x16x16 output
-    check_against_eager(model, torch.randn(2, 4, 16, 16), pass_backend(AUTO))
+@on_devices
+def test_activation_heavy_site_folds(device):
+    model = ConvAffine(4, 8).to(device)  # 8x4x3x3 weight, 2x8x16x16 output
+    assert check_against_eager(model, torch.randn(2, 4, 16, 16, device=device), pass_backend(AUTO)) == 1
     assert _site().folded
 
 
 @pytest.mark.parametrize("ratio,folded", [(0.0, True), (0.015, True), (0.016, False)])
-def test_threshold_is_a_setting(ratio, folded):
-    model = ConvAffine(64, 64)  # 576 / 36864 = 0.0156
-    check_against_eager(model, torch.randn(1, 64, 3, 3), pass_backend(Settings(min_activation_ratio=ratio)))
+@on_devices
+def test_threshold_is_a_setting(ratio, folded, device):
+    model = ConvAffine(64, 64).to(device)  # 576 / 36864 = 0.0156
+    x = torch.randn(1, 64, 3, 3, device=device)
+    assert check_against_eager(model, x, pass_backend(Settings(min_activation_ratio=ratio))) == int(folded)
     assert _site().folded is folded
 
 
-def test_frozen_weight_with_trainable_scale_is_declined():
+@on_devices
+def test_frozen_weight_with_trainable_scale_is_declined(device):
     # The fold would need a weight-gradient conv the model never ran.
-    model = ConvAffine(4, 8)
+    model = ConvAffine(4, 8).to(device)
     model.conv.weight.requires_grad_(False)
     model.conv.bias.requires_grad_(False)
-    check_against_eager(model, torch.randn(2, 4, 16, 16), pass_backend(AUTO))
+    assert check_against_eager(model, torch.randn(2, 4, 16, 16, device=device), pass_backend(AUTO)) == 0
     assert _site().reason == "cost: fold needs a weight-gradient conv the model does not compute"
 
 
-def test_always_folds_what_auto_declines():
-    model = ConvAffine(4, 8)
+@on_devices
+def test_always_folds_what_auto_declines(device):
+    model = ConvAffine(4, 8).to(device)
     model.conv.weight.requires_grad_(False)
-    check_against_eager(model, torch.randn(2, 4, 16, 16), pass_backend(Settings(fold="always", strict=True)))
+    x = torch.randn(2, 4, 16, 16, device=device)
+    assert check_against_eager(model, x, pass_backend(Settings(fold="always", strict=True))) == 1
     assert _site().folded
 
 

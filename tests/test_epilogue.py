@@ -3,6 +3,7 @@
 where it must not), and training against eager through the pass harness and through
 real ``torch.compile``."""
 
+import copy
 import functools
 
 import pytest
@@ -15,7 +16,16 @@ from compile_affine import ops
 from compile_affine.passes.fold import AffineFoldPass
 from compile_affine.settings import Settings, split_options
 
-from .helpers import check_against_eager, count, forward_graph, joint_graph, pass_backend
+from .helpers import (
+    LOW_PRECISION,
+    assert_close_rel,
+    assert_grads_close,
+    check_against_eager,
+    count,
+    forward_graph,
+    joint_graph,
+    pass_backend,
+)
 
 aten = torch.ops.aten
 CONV_ACT = torch.ops.compile_affine.conv_act.default
@@ -268,7 +278,7 @@ def _net_and_input(channels_last: bool) -> tuple[Net, torch.Tensor]:
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_training_matches_eager(channels_last):
     model, x = _net_and_input(channels_last)
-    check_against_eager(model, x, pass_backend(EPILOGUE))
+    assert check_against_eager(model, x, pass_backend(EPILOGUE)) == 2
     assert compile_affine.report().graphs[0].fused_epilogues == (3 if ONEDNN else 0)
 
 
@@ -278,14 +288,21 @@ def test_bf16_autocast_matches_fp32():
     shift in fp32 after the upcast, so they are not the pattern); bounded against fp32."""
     torch.manual_seed(0)
     model, x = Net(), torch.randn(2, 3, 12, 12)
+    reference = copy.deepcopy(model)
     compiled = torch.compile(model, backend=pass_backend(EPILOGUE))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, eager_bf16 = compiled(x), model(x)
-    ref = model(x)
+        out, eager_bf16 = compiled(x), copy.deepcopy(reference)(x)
+    ref = reference(x)
     assert out.dtype == eager_bf16.dtype
-    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 5e-2
-    out.float().sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert_close_rel(out.float(), ref, 5e-2, "forward", **LOW_PRECISION)
+    g = torch.randn_like(ref)
+    out.float().backward(g)
+    ref.backward(g)
+    # Through two relus in bf16, eager's own gradients are several percent off fp32 on
+    # single channels (masks flip on rounding): 5e-2 on the whole tensor, 1e-1 per slice.
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert_grads_close(p.grad, p_ref.grad, 5e-2, f"grad {name}", element_atol=1.0, slice_floor=1.0)
+        assert_grads_close(p.grad, p_ref.grad, 1e-1, f"grad {name}", **LOW_PRECISION)
     assert compile_affine.report().fused_epilogues == 1
 
 
@@ -294,5 +311,5 @@ def test_torch_compile_inductor(channels_last):
     """The real backend: Inductor lowers the op to its oneDNN extern kernel (CPU)."""
     model, x = _net_and_input(channels_last)
     options = {"compile_affine": {"epilogue": "auto", "fold": "always", "strict": True}}
-    check_against_eager(model, x, functools.partial(compile_affine.backend, options=options), steps=2)
+    assert check_against_eager(model, x, functools.partial(compile_affine.backend, options=options), steps=2) == 2
     assert compile_affine.report().graphs[0].fused_epilogues == (3 if ONEDNN else 0)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import compile_affine
 
-from .helpers import ALWAYS, assert_close_rel, compare_gradients, pass_backend
+from .helpers import ALWAYS, assert_close_rel, compare_gradients, on_devices, pass_backend
 
 settings.register_profile(
     "ci", max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
@@ -142,13 +142,14 @@ def expected_fold(cfg, out_shape) -> bool:
     return True
 
 
+@on_devices
 @given(configs())
-def test_fuzz_against_eager(cfg):
+def test_fuzz_against_eager(device, cfg):
     torch._dynamo.reset()
     compile_affine.reset()
     torch.manual_seed(0)
     with _default_dtype(torch.float64):
-        _check(cfg)
+        _check(cfg, device)
 
 
 @contextlib.contextmanager
@@ -161,10 +162,11 @@ def _default_dtype(dtype):
         torch.set_default_dtype(old)
 
 
-def _check(cfg):
+def _check(cfg, device):
     c = cfg
-    x = torch.randn(2, c["cin"], *(c["size"],) * c["dims"], requires_grad=c["requires"][0] and not c["inference"])
-    probe = torch.randn(*(c["cin"], c["cout"] // c["groups"]) if c["transposed"] else (c["cout"], c["cin"] // c["groups"]), *(c["k"],) * c["dims"])
+    x = torch.randn(2, c["cin"], *(c["size"],) * c["dims"], device=device, requires_grad=c["requires"][0] and not c["inference"])
+    wshape = (c["cin"], c["cout"] // c["groups"]) if c["transposed"] else (c["cout"], c["cin"] // c["groups"])
+    probe = torch.randn(*wshape, *(c["k"],) * c["dims"], device=device)
     try:
         if c["transposed"]:
             conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[c["dims"]]
@@ -175,7 +177,8 @@ def _check(cfg):
     except RuntimeError:
         assume(False)
     assume(all(size > 0 for size in out_shape))  # eager allows empty outputs that compile rejects
-    model = Fuzzed(c, out_shape)
+    with torch.device(device):
+        model = Fuzzed(c, out_shape)
     compiled = torch.compile(model, backend=pass_backend(ALWAYS))
     with torch.inference_mode(c["inference"]):
         out_c = compiled(x)
@@ -254,13 +257,13 @@ class FuzzedLinear(torch.nn.Module):
         shape = [1] * z.ndim
         if kind == "per_sample":
             shape[0] = z.shape[0]
-            return torch.linspace(0.5, 1.5, z.shape[0], dtype=param.dtype).reshape(shape) * self.per_sample.mean()
+            return torch.linspace(0.5, 1.5, z.shape[0], dtype=param.dtype, device=param.device).reshape(shape) * self.per_sample.mean()
         if kind == "token":
             other = next((d for d in range(z.ndim) if d != axis and z.shape[d] > 1), None)
             if other is None:
                 return param.mean()
             shape[other] = z.shape[other]
-            return torch.linspace(0.5, 1.5, z.shape[other], dtype=param.dtype).reshape(shape) * param.mean()
+            return torch.linspace(0.5, 1.5, z.shape[other], dtype=param.dtype, device=param.device).reshape(shape) * param.mean()
         if axis is None:  # split: one value per feature, as the split shape
             return param.reshape(z.shape[-2:])
         shape[axis] = z.shape[axis]
@@ -313,15 +316,17 @@ def expected_linear_fold(c, x_shape) -> bool:
     return not (scale_needs_grad and not c["requires"][1])
 
 
+@on_devices
 @given(linear_configs())
-def test_fuzz_linear_against_eager(cfg):
+def test_fuzz_linear_against_eager(device, cfg):
     torch._dynamo.reset()
     compile_affine.reset()
     torch.manual_seed(0)
     with _default_dtype(torch.float64):
         c = cfg
-        x = torch.randn(*c["lead"], 3, c["cin"], requires_grad=c["requires"][0] and not c["inference"])
-        model = FuzzedLinear(c)
+        x = torch.randn(*c["lead"], 3, c["cin"], device=device, requires_grad=c["requires"][0] and not c["inference"])
+        with torch.device(device):
+            model = FuzzedLinear(c)
         compiled = torch.compile(model, backend=pass_backend(ALWAYS))
         with torch.inference_mode(c["inference"]):
             out_c = compiled(x)

@@ -8,7 +8,7 @@ from expecttest import TestCase
 
 import compile_affine
 
-from .helpers import ALWAYS, check_against_eager, check_autocast, count, graph_text, joint_graph, pass_backend
+from .helpers import ALWAYS, check_against_eager, check_autocast, count, graph_text, joint_graph, on_devices, pass_backend
 
 aten = torch.ops.aten
 
@@ -50,19 +50,21 @@ FORMS = {
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_layerscale_form_folds_exactly(form, bias):
+@on_devices
+def test_layerscale_form_folds_exactly(form, bias, device):
     body, shape = FORMS[form]
-    model = LinearScale(body, bias=bias).double()
-    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    check_against_eager(model, x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
+    model = LinearScale(body, bias=bias).double().to(device)
+    x = torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
+    folded = check_against_eager(model, x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
     sites = compile_affine.report().graphs[0].sites
-    assert sites and all(s.folded for s in sites), [s.reason for s in sites]
+    assert folded == len(sites) == (3 if form == "chain" else 1), [s.reason for s in sites]
     assert {s.producer for s in sites} == {"linear"}
 
 
-def test_inference_folds_too():
-    model = LinearScale(FORMS["x * gamma + t"][0])
-    x = torch.randn(2, 5, 8)
+@on_devices
+def test_inference_folds_too(device):
+    model = LinearScale(FORMS["x * gamma + t"][0]).to(device)
+    x = torch.randn(2, 5, 8, device=device)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend=pass_backend(ALWAYS))(x), model(x))
     graph = compile_affine.report().graphs[0]
@@ -94,7 +96,8 @@ class Negative(LinearScale):
 @pytest.mark.parametrize("case", NOT_FOLDED)
 def test_illegal_linear_site_is_left_alone(case):
     body, reason = NOT_FOLDED[case]
-    check_against_eager(Negative(body), torch.randn(2, 5, 8, requires_grad=True), pass_backend(ALWAYS), out_tol=1e-6, grad_tol=1e-6)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    assert check_against_eager(Negative(body), x, pass_backend(ALWAYS), out_tol=1e-6, grad_tol=1e-6) == 0
     sites = compile_affine.report().graphs[0].sites
     assert sites and not any(s.folded for s in sites)
     assert any(s.reason.startswith(reason) for s in sites), [s.reason for s in sites]
@@ -135,13 +138,14 @@ class ViTBlock(nn.Module):
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_vit_block_with_timm_layerscale(inplace):
+@on_devices
+def test_vit_block_with_timm_layerscale(inplace, device):
     with torch.no_grad():
-        model = ViTBlock(inplace=inplace).double()
+        model = ViTBlock(inplace=inplace).double().to(device)
         for ls in (model.ls1, model.ls2):
             ls.gamma.uniform_(0.5, 1.5)
-    check_against_eager(model, torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True), pass_backend(ALWAYS),
-                        out_tol=1e-12, grad_tol=1e-10)  # fmt: skip
+    x = torch.randn(2, 7, 16, dtype=torch.float64, device=device, requires_grad=True)
+    assert check_against_eager(model, x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10) == 2
     _assert_only_layerscales_fold(compile_affine.report().graphs[0], 2)
 
 
@@ -152,28 +156,31 @@ def _assert_only_layerscales_fold(graph, layerscales):
     assert {s.reason for s in graph.sites if not s.folded} <= {"linear output reused"}
 
 
-def test_torchvision_convnext_block():
+@on_devices
+def test_torchvision_convnext_block(device):
     """torchvision's ConvNeXt block: depthwise conv, NHWC LayerNorm and MLP, permute back,
     then ``layer_scale (C, 1, 1) * x``."""
     convnext = pytest.importorskip("torchvision.models.convnext")
     torch.manual_seed(0)
     model = nn.Sequential(*(convnext.CNBlock(8, layer_scale=0.5, stochastic_depth_prob=0.0) for _ in range(2))).double()
+    model = model.to(device)
     with torch.no_grad():
         for block in model:
             block.layer_scale.uniform_(0.5, 1.5)
-    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
-    check_against_eager(model, x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, device=device, requires_grad=True)
+    assert check_against_eager(model, x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10) == 2
     graph = compile_affine.report().graphs[0]
     _assert_only_layerscales_fold(graph, 2)
     assert {s.producer for s in graph.sites if s.folded} == {"linear"}
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
-def test_autocast_layerscale_through_inductor(dtype, tol):
+@on_devices
+def test_autocast_layerscale_through_inductor(dtype, tol, device):
     def backend(gm, inputs):
         return compile_affine.backend(gm, inputs, options={"compile_affine": {"fold": "always", "strict": True}})
 
-    check_autocast(LinearScale(FORMS["x * gamma"][0]), torch.randn(4, 5, 8), backend, dtype, tol)
+    check_autocast(LinearScale(FORMS["x * gamma"][0]).to(device), torch.randn(4, 5, 8, device=device), backend, dtype, tol)
     assert compile_affine.report().graphs[0].folded == 1
 
 
@@ -244,7 +251,7 @@ def test_weight_shared_by_a_second_linear_call(input_grad):
             return torch.tanh(self.fc(x) * self.gamma + self.fc(x * 2))
 
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=input_grad)
-    check_against_eager(Tied().double(), x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
+    assert check_against_eager(Tied().double(), x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10) == 1
     assert compile_affine.report().graphs[0].folded == 1
 
 
@@ -272,7 +279,13 @@ class TwoHeads(nn.Module):
 @pytest.mark.parametrize("scale", ["parameter", "buffer", "python", "flattened once"])
 def test_two_linears_on_one_input_do_not_share_a_backward(scale):
     x = torch.randn(5, 8, dtype=torch.float64)
-    check_against_eager(TwoHeads(scale).double(), x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
+    assert check_against_eager(TwoHeads(scale).double(), x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10) == 0
+    # Both sites seen and refused (a pass that saw nothing would leave none).
+    reasons = [s.reason for s in compile_affine.report().graphs[0].sites]
+    assert len(reasons) == 2 and all(r.startswith(_SHARED) for r in reasons), reasons
+
+
+_SHARED = ("another site claims the same backward nodes", "another linear reads the same input or weight")
 
 
 def test_whisper_style_scaled_q_and_k_with_a_frozen_q_projection():
@@ -287,7 +300,10 @@ def test_whisper_style_scaled_q_and_k_with_a_frozen_q_projection():
             q, k = self.q(x) * self.d**-0.25, self.k(x) * self.d**-0.25
             return (q @ k.t()).softmax(-1)
 
-    check_against_eager(Attn().double(), torch.randn(5, 8, dtype=torch.float64), pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    assert check_against_eager(Attn().double(), x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10) == 0
+    reasons = [s.reason for s in compile_affine.report().graphs[0].sites]
+    assert len(reasons) == 2 and all(r.startswith(_SHARED) for r in reasons), reasons
 
 
 def test_recognition_visits_a_dag_of_adds_once():
@@ -328,6 +344,6 @@ def test_linear_written_as_a_matrix_product(producer):
             return torch.tanh(y * self.gamma)
 
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
-    check_against_eager(MatrixProduct().double(), x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10)
+    assert check_against_eager(MatrixProduct().double(), x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10) == 1
     (site,) = compile_affine.report().graphs[0].sites
     assert site.folded, site.reason
