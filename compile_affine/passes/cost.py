@@ -20,8 +20,7 @@ import dataclasses
 import math
 
 import torch
-from torch.fx.experimental.symbolic_shapes import optimization_hint
-
+from .._compat import optimization_hint
 from .sites import Site
 
 @dataclasses.dataclass(frozen=True)
