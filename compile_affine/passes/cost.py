@@ -10,8 +10,9 @@ Folding trades activation-sized work for weight-sized work:
   ``sum(gW' * W)``: about four weight-sized passes.
 
 So folding pays when the activation is large against the weight. The threshold,
-``Settings.min_activation_ratio`` (default 0.5), is calibrated with
-``python -m compile_affine.bench`` (see docs/benchmarks.md).
+``Settings.min_activation_ratio``, defaults per device: on CPU it is calibrated with
+``python -m compile_affine.bench`` (docs/benchmarks.md); on CUDA it is derived from
+access counts and not yet measured (docs/design.md, "On GPU").
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 
 import torch
 from .._compat import optimization_hint
+from ..settings import default_min_activation_ratio
 from .sites import Site
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +49,14 @@ def _numel(val: torch.Tensor) -> int:
     return math.prod(optimization_hint(s, fallback=8) for s in val.shape)
 
 
-def estimate(site: Site, min_ratio: float) -> Estimate:
+def estimate(site: Site, min_ratio: float | None) -> Estimate:
+    """``min_ratio`` None: the default for the device the site's weight lives on."""
+    weight = site.weight.meta["val"]
+    if min_ratio is None:
+        min_ratio = default_min_activation_ratio(weight.device.type)
     return Estimate(
         activation_elems=_numel(site.y.meta["val"]),
-        weight_elems=_numel(site.weight.meta["val"]),
+        weight_elems=_numel(weight),
         adds_weight_grad_conv=site.grad_scale_sum is not None and not site.computes_weight_grad(),
         min_ratio=min_ratio,
     )
