@@ -77,6 +77,17 @@ def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
     return torch.compile(model, backend="compile_affine", options=ours)
 
 
+def configure_compile() -> None:
+    """What ``python -m compile_affine.bench`` sets before it compiles (its main does the same)."""
+    # Compile time is part of what we measure, so nothing may come from a warm cache.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    # Variants share forward code objects: each is a recompile of the same frame, static shapes.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    torch._dynamo.config.automatic_dynamic_shapes = False
+
+
 def progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
