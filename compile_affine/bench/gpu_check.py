@@ -119,7 +119,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (default: $OUT, else gpu-check-out/)")
     p.add_argument("--budget", type=float, help="seconds for the whole run (sections that no longer fit are skipped)")
     p.add_argument("--only", help=f"comma-separated sections out of {','.join(SECTIONS)}")
+    p.add_argument("--ratios", action="store_true",
+                   help="print how many of ResNet-50's conv sites (batch 32, 224 px) each device's default declines, and exit")  # fmt: skip
     return p.parse_args(argv)
+
+
+def conv_ratios(model: torch.nn.Module, x: torch.Tensor) -> list[float]:
+    """Conv output elements per weight element, per conv, from one forward on the meta device."""
+    ratios: list[float] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: ratios.append(o.numel() / m.weight.numel()))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]  # fmt: skip
+    model.to("meta")(x.to("meta"))
+    for h in hooks:
+        h.remove()
+    return ratios
+
+
+def declined_by_default(ratios: list[float]) -> str:
+    thresholds = ca_settings.DEVICE_MIN_ACTIVATION_RATIO
+    return ", ".join(f"{dev} default {t}: {sum(r < t for r in ratios)} of {len(ratios)} declined" for dev, t in thresholds.items())
 
 
 # --- sections -----------------------------------------------------------------------
@@ -178,7 +196,8 @@ def run_resnet(plan: Plan, clock: Clock, runner: Runner) -> dict:
     x = torch.randn(plan.resnet_batch, 3, plan.resnet_res, plan.resnet_res)
     variants = [Variant(net, backend, build(net), x) for net, backend in RESNET_VARIANTS]
     runner.run(variants, plan.steps, plan.warmup)
-    return {"status": "ok", "rows": [_row(name, v, variants) for v in variants]}
+    note = "conv sites by the cost rule's defaults: " + declined_by_default(conv_ratios(build("affine"), x))
+    return {"status": "ok", "rows": [_row(name, v, variants) for v in variants], "note": note}
 
 
 def run_blocks(plan: Plan, clock: Clock, runner: Runner, shapes: list, pairs=BLOCK_VARIANTS, section="blocks") -> dict:
@@ -193,6 +212,7 @@ def run_blocks(plan: Plan, clock: Clock, runner: Runner, shapes: list, pairs=BLO
         for v in variants:
             rows.append({**_row(shape.name, v, variants), "act_per_weight": round(ratio, 2),
                          "auto_would_fold": ratio >= ca_settings.default_min_activation_ratio(plan.device)})  # fmt: skip
+        del variants  # before _release, so this shape's models and their compiled code can go
         _release()
     return {"status": "ok", "rows": rows}
 
@@ -311,6 +331,9 @@ def device_facts() -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.ratios:
+        print(f"ResNet-50, batch 32, 224 px: {declined_by_default(conv_ratios(resnet50('affine'), torch.empty(32, 3, 224, 224)))}")
+        return 0
     if not args.dry_run and not torch.cuda.is_available():
         print(f"gpu-check: no CUDA device here (torch {torch.__version__}); nothing to measure. "
               "`make gpu-check ARGS=--dry-run` runs the same script on CPU at tiny sizes.")  # fmt: skip
