@@ -100,3 +100,21 @@ def register_user_lowering(op: torch._ops.OpOverload, fn: Any) -> None:
         return fallback(*args, **kwargs) if out is None else out
 
     lowering.lowerings[op] = lower
+
+
+# Inductor's conv lowering in 2.11 calls freeze_layout() on the bias, which a view
+# (a reshaped shift, say) does not implement; 2.14's realizes views first. Releases in
+# between were not checked, so they get the 2.11 treatment.
+_CONV_TAKES_VIEW_BIAS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+_VIEWS = {"view", "reshape", "_unsafe_view", "expand", "squeeze", "unsqueeze", "permute", "t", "transpose", "alias"}
+
+
+def conv_bias(emit: Any, bias: Any) -> Any:
+    """``bias`` as the folded conv may take it: on older Inductor, never a bare view.
+    ``neg(neg(b))`` is exact and lowers to a buffer (``clone`` would be dropped as a no-op)."""
+    target = getattr(bias, "target", None)
+    name = getattr(target, "__name__", "").split(".")[0]
+    if _CONV_TAKES_VIEW_BIAS or bias is None or name not in _VIEWS:
+        return bias
+    aten = torch.ops.aten
+    return emit(aten.neg.default, emit(aten.neg.default, bias))
