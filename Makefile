@@ -1,17 +1,30 @@
-# Two entry points, each doing all set-up on a fresh machine:
-#   make bench   the main job: the benchmark (CPU by default; ARGS="..." adds flags)
-#   make test    the test suite (what .ci/run calls)
+# Entry points, each doing all set-up on a fresh machine:
+#   make bench      the main job: the benchmark (CPU by default; ARGS="..." adds flags)
+#   make test       the test suite on torch 2.14.1 (what .ci/run calls)
+#   make test-min   the test suite on torch 2.11.0, the oldest release pyproject.toml accepts
+#   make gpu-check  on a GPU machine: cuda tests and the GPU benchmark, results in $OUT
+#                   (else gpu-check-out/); ARGS=--dry-run runs it on CPU at tiny sizes
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+MIN_VENV ?= .venv-min
+MIN_STAMP := $(MIN_VENV)/.installed
+# gpu-check installs nothing (the GPU machine has no network): it runs on an interpreter
+# that already holds torch, this checkout's venv if there is one, else $(PYTHON).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 
-.PHONY: bench test install clean
+.PHONY: bench test test-min gpu-check install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,bench]'
 	touch $(STAMP)
+
+$(MIN_STAMP): pyproject.toml constraints-min.txt
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints-min.txt -e '.[test,bench]'
+	touch $(MIN_STAMP)
 
 install: $(STAMP)
 
@@ -21,5 +34,11 @@ bench: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
+test-min: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -m pytest -q $(ARGS)
+
+gpu-check:
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m compile_affine.bench.gpu_check $(ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .hypothesis gpu-check-out

@@ -10,9 +10,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch._inductor import config as inductor_config
-from torch._inductor.custom_graph_pass import get_custom_graph_passes
-
 from . import report
+from ._compat import compile_inductor, get_custom_graph_passes, joint_passes
 from .passes.fold import AffineFoldError, AffineFoldPass
 from .passes.sites import InputMutations
 from .settings import Settings, split_options
@@ -42,7 +41,7 @@ def backend(
     fold_pass = AffineFoldPass(settings, mutated_inputs(gm))
     patches = {"joint_custom_pre_pass": _chain(inductor.config, fold_pass)}
     try:
-        compiled = inductor(gm, example_inputs, config_patches=patches)
+        compiled = compile_inductor(inductor, gm, example_inputs, patches)
     except Exception as e:
         error = _fold_error(e)
         if error is None or settings.strict:
@@ -110,10 +109,10 @@ _VIEW_OPS = {"view", "reshape", "transpose", "permute", "expand", "__getitem__",
              "unbind", "diagonal", "movedim", "detach"}  # fmt: skip
 
 
-def _chain(inductor_options: dict[str, Any], ours: AffineFoldPass) -> list:
+def _chain(inductor_options: dict[str, Any], ours: AffineFoldPass) -> Any:
     """Keep any joint pre-pass the user already set (globally or in options); ours runs last."""
     existing = inductor_options.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass)
-    return [*get_custom_graph_passes(existing), ours]
+    return joint_passes([*get_custom_graph_passes(existing), ours])
 
 
 def _fold_error(e: BaseException) -> AffineFoldError | None:

@@ -21,6 +21,17 @@ _EPILOGUE_POLICIES = ("auto", "off")
 _ENV_VALUES = {"0": False, "1": True}
 
 
+CPU_MIN_ACTIVATION_RATIO = 0.5
+"""Calibrated on CPU training steps of conv blocks (docs/benchmarks.md, "The cost rule")."""
+CUDA_MIN_ACTIVATION_RATIO = 3.5
+"""Derived, not measured: on a GPU both what a fold removes and what it adds are memory
+passes at HBM bandwidth, so the threshold is their access-count ratio (docs/design.md,
+"On GPU"). ``make gpu-check`` measures the break-even; replace this with what it finds."""
+DEVICE_MIN_ACTIVATION_RATIO = {"cpu": CPU_MIN_ACTIVATION_RATIO, "cuda": CUDA_MIN_ACTIVATION_RATIO}
+"""Per device type; any other device uses the CPU value, the only measured one. This
+module's source is hashed into the pass uuid, so a changed value misses the FX cache."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What the pass may do. Frozen so it can be hashed into the pass uuid."""
@@ -32,9 +43,11 @@ class Settings:
     fold: FoldPolicy = "auto"
     """``auto``: fold legal sites the cost model says pay; ``always``: every legal
     site; ``never``: recognise and report sites but fold none."""
-    min_activation_ratio: float = 0.5
+    min_activation_ratio: float | None = None
     """``fold="auto"`` folds a site when its conv output has at least this many
-    elements per weight element. Lower trades speed for saved-activation memory."""
+    elements per weight element. Lower trades speed for saved-activation memory.
+    None: the default of the device the site's weight lives on
+    (``DEVICE_MIN_ACTIVATION_RATIO``)."""
     epilogue: EpiloguePolicy = "off"
     """``auto``: after folding, run ``conv -> (+bias) -> relu`` on CPU as one fused op
     (oneDNN post-op, ``compile_affine::conv_act``); ``off``: leave it to Inductor."""
@@ -44,12 +57,22 @@ class Settings:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"compile_affine option {name!r} must be a bool, got {getattr(self, name)!r}")
         ratio = self.min_activation_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 0:
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 0):
             raise ValueError(f"compile_affine option 'min_activation_ratio' must be a number >= 0, got {self.min_activation_ratio!r}")
         if self.fold not in _FOLD_POLICIES:
             raise ValueError(f"compile_affine option 'fold' must be one of {_FOLD_POLICIES}, got {self.fold!r}")
         if self.epilogue not in _EPILOGUE_POLICIES:
             raise ValueError(f"compile_affine option 'epilogue' must be one of {_EPILOGUE_POLICIES}, got {self.epilogue!r}")
+
+    def min_activation_ratio_for(self, device_type: str) -> float:
+        """The threshold in force for a site on ``device_type``: the user's, else the device's."""
+        if self.min_activation_ratio is not None:
+            return self.min_activation_ratio
+        return default_min_activation_ratio(device_type)
+
+
+def default_min_activation_ratio(device_type: str) -> float:
+    return DEVICE_MIN_ACTIVATION_RATIO.get(device_type, CPU_MIN_ACTIVATION_RATIO)
 
 
 ACCEPTED_KEYS = tuple(f.name for f in dataclasses.fields(Settings))

@@ -66,3 +66,48 @@ def test_always_folds_what_auto_declines(device):
 def test_bad_threshold():
     with pytest.raises(ValueError, match="min_activation_ratio"):
         Settings(min_activation_ratio=-1)
+
+
+# The default threshold is per device (settings.DEVICE_MIN_ACTIVATION_RATIO); a site
+# whose activation equals its weight lies between the CPU and the CUDA values.
+def _stub_site(device: str, activation: tuple, weight: tuple):
+    from types import SimpleNamespace
+
+    def node(shape):
+        return SimpleNamespace(meta={"val": SimpleNamespace(shape=shape, device=torch.device(device))})
+
+    return SimpleNamespace(y=node(activation), weight=node(weight), grad_scale_sum=None, computes_weight_grad=lambda: True)
+
+
+def test_default_threshold_is_per_device():
+    from compile_affine.passes import cost
+    from compile_affine.settings import CPU_MIN_ACTIVATION_RATIO, CUDA_MIN_ACTIVATION_RATIO
+
+    assert Settings().min_activation_ratio is None
+    assert CPU_MIN_ACTIVATION_RATIO <= 1.0 < CUDA_MIN_ACTIVATION_RATIO
+    shapes = dict(activation=(1, 8, 6, 6), weight=(8, 4, 3, 3))  # 288 elements each
+    on_cpu = cost.estimate(_stub_site("cpu", **shapes), None)
+    on_cuda = cost.estimate(_stub_site("cuda", **shapes), None)
+    assert on_cpu.pays and on_cpu.min_ratio == CPU_MIN_ACTIVATION_RATIO
+    assert not on_cuda.pays and on_cuda.min_ratio == CUDA_MIN_ACTIVATION_RATIO
+    assert on_cuda.reason() == f"cost: activation 288 < {CUDA_MIN_ACTIVATION_RATIO} x weight 288 elements"
+    # An explicit value wins on every device; other devices take the CPU value.
+    assert cost.estimate(_stub_site("cuda", **shapes), 1.0).pays
+    assert cost.estimate(_stub_site("meta", **shapes), None).min_ratio == CPU_MIN_ACTIVATION_RATIO
+    assert Settings(min_activation_ratio=2.0).min_activation_ratio_for("cuda") == 2.0
+    assert Settings().min_activation_ratio_for("cuda") == CUDA_MIN_ACTIVATION_RATIO
+
+
+def test_cpu_site_between_the_device_defaults_folds():
+    model = ConvAffine(4, 8)  # 288-element weight, 1x8x6x6 output: ratio 1.0
+    check_against_eager(model, torch.randn(1, 4, 6, 6), pass_backend(AUTO))
+    assert _site().folded
+
+
+def test_pass_uuid_follows_the_effective_threshold():
+    from compile_affine.passes.fold import _SOURCES, AffineFoldPass
+
+    # The per-device defaults live in settings.py, whose source the uuid hashes.
+    assert any(p.endswith("compile_affine/settings.py") for p in _SOURCES)
+    uuids = {AffineFoldPass(Settings(min_activation_ratio=r)).uuid() for r in (None, 0.5, 3.5)}
+    assert len(uuids) == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -20,7 +21,10 @@ import compile_affine
 from .measure import saved_for_backward
 
 BACKENDS = ("eager", "inductor", "inductor-conv_bn_eval", "compile_affine", "compile_affine-always",
-            "compile_affine-epilogue")  # fmt: skip
+            "compile_affine-epilogue", "inductor-max-autotune", "compile_affine-max-autotune")  # fmt: skip
+# Without CUDA graphs, so that against the default mode only autotuning (Triton conv
+# templates, with the affine in their epilogue) differs, not the launch overhead.
+MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
 
 
 @dataclasses.dataclass
@@ -36,10 +40,15 @@ class Variant:
     compile_s: float = 0.0
     saved_mib: float = 0.0
     folds: str = ""
+    settings: dict = dataclasses.field(default_factory=dict)
+    """compile_affine options for this variant alone, over the runner's."""
+    label: str = ""
+    peak_mib: float | None = None
+    """CUDA: the step's peak allocation above what was allocated before it."""
 
     @property
     def name(self) -> str:
-        return f"{self.net} / {self.backend}"
+        return f"{self.net} / {self.backend}{self.label}"
 
     @property
     def fwd(self) -> float:
@@ -57,14 +66,28 @@ class Variant:
 def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
     if backend == "eager":
         return model
-    if backend == "inductor":
-        return torch.compile(model)
+    mode = MAX_AUTOTUNE if backend.endswith("-max-autotune") else None
     if backend == "inductor-conv_bn_eval":  # stock Inductor's own eval-BN rewrite: the anchor
         return torch.compile(model, options={"efficient_conv_bn_eval_fx_passes": True})
+    if backend.startswith("inductor"):
+        return torch.compile(model, mode=mode)
     fold = "always" if backend.endswith("-always") else "auto"
     epilogue = "auto" if backend.endswith("-epilogue") else "off"
-    ours = {**settings, "fold": fold, "epilogue": epilogue}
-    return torch.compile(model, backend="compile_affine", options={"compile_affine": ours})
+    ours = {"compile_affine": {**settings, "fold": fold, "epilogue": epilogue}}
+    if mode:  # torch.compile refuses mode= with options=; the backend takes both
+        return torch.compile(model, backend=functools.partial(compile_affine.backend, mode=mode, options=ours))
+    return torch.compile(model, backend="compile_affine", options=ours)
+
+
+def configure_compile() -> None:
+    """What ``python -m compile_affine.bench`` sets before it compiles (its main does the same)."""
+    # Compile time is part of what we measure, so nothing may come from a warm cache.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    # Variants share forward code objects: each is a recompile of the same frame, static shapes.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    torch._dynamo.config.automatic_dynamic_shapes = False
 
 
 def progress(msg: str) -> None:
@@ -90,6 +113,8 @@ class Runner:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _fwd_bwd(self, v: Variant) -> tuple[float, float]:
+        if self.device.type == "cuda":
+            return self._fwd_bwd_cuda(v)
         t0 = time.perf_counter()
         with self.autocast(), torch.inference_mode(self.inference):
             out = v.fn(v.x)
@@ -106,6 +131,33 @@ class Runner:
             p.grad = None
         return (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
+    def _fwd_bwd_cuda(self, v: Variant) -> tuple[float, float]:
+        # Events time the stream, host launch gaps included; one sync per step.
+        start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record()
+        with self.autocast(), torch.inference_mode(self.inference):
+            out = v.fn(v.x)
+        mid.record()
+        if not self.inference:
+            if v.grad is None:
+                v.grad = torch.randn_like(out)
+            out.backward(v.grad)
+        end.record()
+        end.synchronize()
+        for p in v.model.parameters():
+            p.grad = None
+        return start.elapsed_time(mid), (mid.elapsed_time(end) if not self.inference else 0.0)
+
+    def peak_step_mib(self, v: Variant) -> float | None:
+        """CUDA: peak memory of one step above what was allocated before it."""
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._fwd_bwd(v)
+        return (torch.cuda.max_memory_allocated(self.device) - before) / 2**20
+
     def prepare(self, v: Variant, warmup: int) -> None:
         progress(f"compiling {v.name} ...")
         compile_affine.reset()
@@ -116,7 +168,7 @@ class Runner:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             v.model = DistributedDataParallel(v.model, device_ids=ids)
-        v.fn = compiled(v.model, v.backend, self.settings)
+        v.fn = compiled(v.model, v.backend, {**self.settings, **v.settings})
         # A fresh cache per variant: no variant reuses kernels another compiled.
         with fresh_cache():
             t0 = time.perf_counter()
@@ -128,6 +180,7 @@ class Runner:
             v.folds += f" +{report.fused_epilogues}/{len(report.epilogues)} epi"
         for _ in range(warmup):
             self._fwd_bwd(v)
+        v.peak_mib = self.peak_step_mib(v)
         if not self.inference:
             with self.autocast():
                 v.saved_mib = saved_for_backward(lambda: v.fn(v.x)).mib

@@ -10,8 +10,9 @@ Folding trades activation-sized work for weight-sized work:
   ``sum(gW' * W)``: about four weight-sized passes.
 
 So folding pays when the activation is large against the weight. The threshold,
-``Settings.min_activation_ratio`` (default 0.5), is calibrated with
-``python -m compile_affine.bench`` (see docs/benchmarks.md).
+``Settings.min_activation_ratio``, defaults per device: on CPU it is calibrated with
+``python -m compile_affine.bench`` (docs/benchmarks.md); on CUDA it is derived from
+access counts and not yet measured (docs/design.md, "On GPU").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import math
 
 import torch
+from ..settings import default_min_activation_ratio
 from .sites import Site
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,10 @@ def smallest(size: int | torch.SymInt) -> int:
     return max(int(lower), 1) if lower.is_finite else 1
 
 
-def estimate(site: Site, min_ratio: float) -> Estimate:
+def estimate(site: Site, min_ratio: float | None) -> Estimate:
+    """``min_ratio`` None: the default for the device the site's weight lives on."""
+    if min_ratio is None:
+        min_ratio = default_min_activation_ratio(site.weight.meta["val"].device.type)
     return Estimate(
         activation_elems=_numel(site.y.meta["val"]),
         weight_elems=_numel(site.real_weight.meta["val"]),

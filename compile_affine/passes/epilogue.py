@@ -34,6 +34,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops
+from .._compat import register_user_lowering
 from ..report import EpilogueRecord
 from .rewrite import Emitter
 
@@ -208,13 +209,7 @@ def _lower_conv_act(x, weight, bias, stride, padding, dilation, groups, activati
     return ir.TensorBox.create(node)
 
 
-def _register_lowering() -> None:
-    from torch._inductor.lowering import user_lowerings
-
-    user_lowerings.setdefault(CONV_ACT, _lower_conv_act)
-
-
-_register_lowering()
+register_user_lowering(CONV_ACT, _lower_conv_act)
 
 
 def fuse_epilogues(gm: fx.GraphModule, location: Callable[[fx.Node], str]) -> list[EpilogueRecord]:

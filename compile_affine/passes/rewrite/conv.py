@@ -8,6 +8,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..._compat import conv_bias
 from ..legality import CHANNEL_AXIS
 from ..sites import ConvSite
 from .common import (Emitter, add_shift, erase_dead, finish_result, first_in_graph, per_channel,
@@ -80,7 +81,7 @@ def fold_conv(graph: fx.Graph, site: ConvSite) -> fx.Node:
             b_fold = add_shift(emit, b_fold, t_c, site.shift_sign)
         if b_fold is not None:
             b_fold = emit.cast(b_fold, out_dtype)
-        new_conv = emit(aten.convolution.default, a["x"], w_fold, b_fold, *site.conv.args[3:])
+        new_conv = emit(aten.convolution.default, a["x"], w_fold, conv_bias(emit, b_fold), *site.conv.args[3:])
         result = emit.cast(new_conv, result_dtype)
         if t_c is not None and not shift_in_bias:
             t_view = emit(aten.reshape.default, emit.cast(t_c, result_dtype), [1, cmap.channels] + [1] * (w_val.ndim - 2))

@@ -1,0 +1,392 @@
+"""``python -m compile_affine.bench.gpu_check [--dry-run]`` (``make gpu-check``): what a
+lent GPU machine runs, as one command that fits in 8 minutes with cold caches.
+
+Sections, most important first; each is skipped, and says why, when the time budget
+cannot hold it:
+
+1. tests: the suite's device-parametrized tests on cuda (``pytest -k cuda``);
+2. resnet: the seed's ResNet-50, batch 32 at 224 px, training steps, as none/inductor,
+   affine/inductor, affine/compile_affine and bn/inductor;
+3. blocks: conv -> affine -> relu blocks at ResNet-50 stage shapes (batch 32), from
+   activation-heavy to weight-heavy, stock Inductor against every site folded: where
+   folding starts to pay on this GPU, the number ``settings.CUDA_MIN_ACTIVATION_RATIO``
+   only derives;
+4. finetune: ``python -m compile_affine.bench finetune`` (eval-mode BatchNorm), if that
+   mode exists in this checkout;
+5. max-autotune: one block shape under ``mode="max-autotune-no-cudagraphs"`` (Triton
+   conv templates, the affine in their epilogue), stock and ours.
+
+Writes gpu-check.json, gpu-check.md, gpu-check.png, gpu-check-tests.log (and
+finetune.json) into ``$OUT`` if set, else ``gpu-check-out/``. Step times come from CUDA
+events, medians over interleaved steps; peak memory from torch.cuda.max_memory_allocated.
+Without a CUDA device it says so and exits 0. ``--dry-run`` runs the same sections on
+CPU at tiny sizes (CI runs it through tests/test_gpu_check.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import io
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from .. import settings as ca_settings
+from . import __main__ as bench
+from .models import NORMS, BlockShape, resnet50
+from .runner import Runner, Variant, configure_compile, machine
+
+RESNET_VARIANTS = (("none", "inductor"), ("affine", "inductor"), ("affine", "compile_affine"), ("bn", "inductor"))
+BLOCK_VARIANTS = (("affine", "inductor"), ("affine", "compile_affine-always"))
+AUTOTUNE_VARIANTS = (("affine", "inductor"), ("affine", "inductor-max-autotune"), ("affine", "compile_affine-max-autotune"))
+
+# ResNet-50's conv shapes at batch 32, 224 px (as c -> c blocks), by conv output
+# elements per weight element: 174, 21.8, 6.1, 2.7, 1.5, 0.34. The CPU matrix
+# (models.BLOCK_SHAPES, batch 8) is launch-bound on a GPU.
+GPU_BLOCKS = [
+    BlockShape("3x3 c64 @56 b32", 64, 56, 3, 32),
+    BlockShape("3x3 c128 @28 b32", 128, 28, 3, 32),
+    BlockShape("1x1 c1024 @14 b32", 1024, 14, 1, 32),
+    BlockShape("3x3 c256 @14 b32", 256, 14, 3, 32),
+    BlockShape("1x1 c1024 @7 b32", 1024, 7, 1, 32),
+    BlockShape("3x3 c512 @7 b32", 512, 7, 3, 32),
+]
+TINY_BLOCKS = [BlockShape("3x3 c8 @16 b2", 8, 16, 3, 2, depth=1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    device: str
+    budget_s: float
+    tests_cap_s: float
+    resnet_batch: int
+    resnet_res: int
+    tiny_resnet: bool
+    steps: int
+    warmup: int
+    blocks: list
+    autotune: list
+    run_finetune: bool
+    """False: check that the finetune mode takes our flags, do not run it (a ResNet-50
+    compile per variant takes minutes on CPU)."""
+    needs_s: dict
+    """Seconds a section needs left in the budget to start (rough: one cold ResNet-50
+    compile on the GPU machine is assumed to take under a minute)."""
+
+
+GPU_PLAN = Plan("cuda", budget_s=450, tests_cap_s=120, resnet_batch=32, resnet_res=224, tiny_resnet=False,
+                steps=30, warmup=5, blocks=GPU_BLOCKS, autotune=GPU_BLOCKS[1:2], run_finetune=True,
+                needs_s={"resnet": 150, "blocks": 20, "finetune": 150, "max-autotune": 60})  # fmt: skip
+# Every section runs, whatever the time: the dry run exists to prove each one works.
+DRY_PLAN = Plan("cpu", budget_s=3600, tests_cap_s=300, resnet_batch=2, resnet_res=16, tiny_resnet=True,
+                steps=2, warmup=0, blocks=TINY_BLOCKS, autotune=TINY_BLOCKS, run_finetune=False,
+                needs_s={"resnet": 0, "blocks": 0, "finetune": 0, "max-autotune": 0})  # fmt: skip
+SECTIONS = ("tests", "resnet", "blocks", "finetune", "max-autotune")
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+class Clock:
+    def __init__(self, budget_s: float):
+        self.t0 = time.monotonic()
+        self.budget_s = budget_s
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    @property
+    def left(self) -> float:
+        return self.budget_s - self.elapsed
+
+    def log(self, msg: str) -> None:
+        print(f"[gpu-check +{self.elapsed:5.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m compile_affine.bench.gpu_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="run every section on CPU at tiny sizes")
+    p.add_argument("--out", help="output folder (default: $OUT, else gpu-check-out/)")
+    p.add_argument("--budget", type=float, help="seconds for the whole run (sections that no longer fit are skipped)")
+    p.add_argument("--only", help=f"comma-separated sections out of {','.join(SECTIONS)}")
+    p.add_argument("--ratios", action="store_true",
+                   help="print how many of ResNet-50's conv sites (batch 32, 224 px) each device's default declines, and exit")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def conv_ratios(model: torch.nn.Module, x: torch.Tensor) -> list[float]:
+    """Conv output elements per weight element, per conv, from one forward on the meta device."""
+    ratios: list[float] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: ratios.append(o.numel() / m.weight.numel()))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]  # fmt: skip
+    model.to("meta")(x.to("meta"))
+    for h in hooks:
+        h.remove()
+    return ratios
+
+
+def declined_by_default(ratios: list[float]) -> str:
+    thresholds = ca_settings.DEVICE_MIN_ACTIVATION_RATIO
+    return ", ".join(f"{dev} default {t}: {sum(r < t for r in ratios)} of {len(ratios)} declined" for dev, t in thresholds.items())
+
+
+# --- sections -----------------------------------------------------------------------
+
+
+def run_tests(plan: Plan, clock: Clock, out: pathlib.Path) -> dict:
+    if not (REPO / "tests").is_dir():
+        return {"status": "skipped", "note": f"no tests/ folder next to the package ({REPO})"}
+    log_path = out / "gpu-check-tests.log"
+    # -v: one line per test, so a run cut off by the cap still says what passed.
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfEs", "-k", "cuda", "tests"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cap = max(10.0, min(plan.tests_cap_s, clock.left))
+    clock.log(f"tests: {' '.join(cmd[2:])} (at most {cap:.0f} s)")
+    with open(log_path, "w") as log:
+        # Its own process group, so a timeout also ends Inductor's compile workers.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=cap)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    summary = _pytest_summary(log_path.read_text(errors="replace"))
+    if rc is None:
+        return {"status": "timeout", "note": f"stopped after {cap:.0f} s; so far: {summary}"}
+    # 5: pytest selected no test (a checkout whose tests have no cuda variants).
+    status = "ok" if rc in (0, 5) else "failed"
+    return {"status": status, "note": "no test selected" if rc == 5 else summary, "rc": rc}
+
+
+def _pytest_summary(text: str) -> str:
+    """pytest's last line, or, for a run cut off before it, the per-test outcomes so far."""
+    final = re.findall(r"^=+ (.*\d+ (?:passed|failed|skipped|deselected|errors?).*?) =+$", text, re.M)
+    if final:
+        return final[-1]
+    outcomes = re.findall(r" (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", text)
+    return ", ".join(f"{outcomes.count(o)} {o.lower()}" for o in dict.fromkeys(outcomes)) or "no test finished"
+
+
+def tiny_resnet(norm: str) -> torch.nn.Module:
+    """The dry run's stand-in: ResNet-50's stem and one conv -> norm -> relu, same norms.
+    (Even a one-block-per-stage ResNet took minutes per variant to compile on 2 CPU cores.)"""
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False), NORMS[norm](8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), NORMS[norm](8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )  # fmt: skip
+
+
+def run_resnet(plan: Plan, clock: Clock, runner: Runner) -> dict:
+    build = tiny_resnet if plan.tiny_resnet else resnet50
+    name = ("tiny stand-in" if plan.tiny_resnet else "resnet50") + f" b{plan.resnet_batch} {plan.resnet_res}px"
+    x = torch.randn(plan.resnet_batch, 3, plan.resnet_res, plan.resnet_res)
+    variants = [Variant(net, backend, build(net), x) for net, backend in RESNET_VARIANTS]
+    runner.run(variants, plan.steps, plan.warmup)
+    note = "conv sites by the cost rule's defaults: " + declined_by_default(conv_ratios(build("affine"), x))
+    return {"status": "ok", "rows": [_row(name, v, variants) for v in variants], "note": note}
+
+
+def run_blocks(plan: Plan, clock: Clock, runner: Runner, shapes: list, pairs=BLOCK_VARIANTS, section="blocks") -> dict:
+    rows = []
+    for i, shape in enumerate(shapes):
+        if clock.left < plan.needs_s[section]:
+            return {"status": "partial", "rows": rows, "note": f"{len(shapes) - i} shapes left out: budget"}
+        clock.log(f"{section}: shape {shape.name}")
+        variants = [Variant(net, backend, shape.build(net), shape.input("cpu")) for net, backend in pairs]
+        runner.run(variants, plan.steps, plan.warmup)
+        ratio = _act_per_weight(shape)
+        for v in variants:
+            rows.append({**_row(shape.name, v, variants), "act_per_weight": round(ratio, 2),
+                         "auto_would_fold": ratio >= ca_settings.default_min_activation_ratio(plan.device)})  # fmt: skip
+        del variants  # before _release, so this shape's models and their compiled code can go
+        _release()
+    return {"status": "ok", "rows": rows}
+
+
+def _act_per_weight(shape: BlockShape) -> float:
+    activation = shape.batch * shape.channels * shape.size**2
+    weight = shape.channels * (1 if shape.depthwise else shape.channels) * shape.kernel**2
+    return activation / weight
+
+
+def run_finetune(plan: Plan, clock: Clock, out: pathlib.Path) -> dict:
+    if not _finetune_exists():
+        return {"status": "skipped", "note": "this checkout has no `python -m compile_affine.bench finetune` mode"}
+    path = out / "finetune.json"
+    argv = ["finetune", "--device", plan.device, "--batch", str(plan.resnet_batch), "--res", str(plan.resnet_res),
+            "--steps", str(plan.steps), "--warmup", str(plan.warmup), "--json", str(path)]  # fmt: skip
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            bench.parse_args(argv)
+    except SystemExit:
+        return {"status": "failed", "note": f"the finetune mode refuses {argv}: {err.getvalue().strip()}"}
+    if not plan.run_finetune:
+        return {"status": "checked", "note": f"dry run: the mode takes `{' '.join(argv)}`; not run"}
+    rc = bench.main(argv)
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    return {"status": "ok" if rc == 0 and rows else "failed", "rows": rows}
+
+
+def _finetune_exists() -> bool:
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            bench.parse_args(["finetune"])
+        except SystemExit:
+            return False
+    return True
+
+
+def _row(scenario: str, v: Variant, group: list[Variant]) -> dict:
+    return {**bench._row(scenario, v, group), "peak_mib": None if v.peak_mib is None else round(v.peak_mib, 1)}
+
+
+def _release() -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- output -------------------------------------------------------------------------
+
+COLUMNS = [("scenario", "scenario"), ("variant", "variant"), ("step_ms", "step ms"), ("fwd_ms", "fwd ms"),
+           ("bwd_ms", "bwd ms"), ("ratio", "x first/none"), ("ratio_vs_stock_same_net", "x stock same net"),
+           ("saved_mib", "saved MiB"), ("peak_mib", "step peak MiB"), ("compile_s", "compile s"),
+           ("folds", "folds"), ("act_per_weight", "act/weight"), ("auto_would_fold", "default folds")]  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
+    cols += [(k, k) for k in dict.fromkeys(k for r in rows for k in r) if k not in dict(cols)]
+    cells = [[h for _, h in cols]] + [["-" if r.get(k) is None else str(r[k]) for k, _ in cols] for r in rows]
+    lines = ["| " + " | ".join(row) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("---" for _ in cols) + "|")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# gpu-check: {m.get('cuda') or m['cpu']}", "",
+             f"`{result['command']}`: torch {m['torch']}, device {result['device']}, "
+             f"{result['wall_s']:.0f} s in all, budget {result['budget_s']:.0f} s.", "",
+             "Step times are medians of interleaved training steps; `x stock same net` is the "
+             "step time over stock Inductor's on the same net. `default folds`: whether the "
+             f"cost rule's default for {result['device']} ({result['thresholds'][result['device']]}) folds that shape.",
+             ""]  # fmt: skip
+    for name, sec in result["sections"].items():
+        lines += [f"## {name}: {sec['status']} ({sec.get('seconds', 0):.0f} s)", ""]
+        if sec.get("note"):
+            lines += [sec["note"], ""]
+        if sec.get("rows"):
+            lines += [table(sec["rows"]), ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for s in result["sections"].values() for r in s.get("rows", [])
+            if r.get("ratio_vs_stock_same_net") is not None and "compile_affine" in r.get("variant", "")]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r["ratio_vs_stock_same_net"] for r in rows])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)), [f"{r['scenario']}\n{r['variant']}" for r in rows], rotation=75, ha="right", fontsize=7)
+    ax.set_ylabel("step time / stock Inductor, same net")
+    ax.set_title(f"{result['device']}: {result['machine'].get('cuda') or 'CPU'}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def device_facts() -> dict:
+    facts = {**machine(), "thresholds": dict(ca_settings.DEVICE_MIN_ACTIVATION_RATIO)}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        facts.update(cuda_version=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                     capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
+                     sms=props.multi_processor_count, cudnn_tf32=torch.backends.cudnn.allow_tf32,
+                     matmul_tf32=torch.backends.cuda.matmul.allow_tf32, cudnn_benchmark=torch.backends.cudnn.benchmark)  # fmt: skip
+    return facts
+
+
+# --- driver -------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.ratios:
+        print(f"ResNet-50, batch 32, 224 px: {declined_by_default(conv_ratios(resnet50('affine'), torch.empty(32, 3, 224, 224)))}")
+        return 0
+    if not args.dry_run and not torch.cuda.is_available():
+        print(f"gpu-check: no CUDA device here (torch {torch.__version__}); nothing to measure. "
+              "`make gpu-check ARGS=--dry-run` runs the same script on CPU at tiny sizes.")  # fmt: skip
+        return 0
+    plan = DRY_PLAN if args.dry_run else GPU_PLAN
+    if args.budget is not None:
+        plan = dataclasses.replace(plan, budget_s=args.budget)
+    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if only - set(SECTIONS):
+        raise SystemExit(f"unknown section(s) {sorted(only - set(SECTIONS))}; choose from {SECTIONS}")
+    out = pathlib.Path(args.out or os.environ.get("OUT") or "gpu-check-out")
+    out.mkdir(parents=True, exist_ok=True)
+    clock = Clock(plan.budget_s)
+    command = "python -m compile_affine.bench.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
+    clock.log(f"{command}: device {plan.device}, budget {plan.budget_s:.0f} s, output {out}")
+    configure_compile()
+    runner = Runner(plan.device, torch.float32)
+    jobs = {
+        "tests": lambda: run_tests(plan, clock, out),
+        "resnet": lambda: run_resnet(plan, clock, runner),
+        "blocks": lambda: run_blocks(plan, clock, runner, plan.blocks),
+        "finetune": lambda: run_finetune(plan, clock, out),
+        "max-autotune": lambda: run_blocks(plan, clock, runner, plan.autotune, AUTOTUNE_VARIANTS, "max-autotune"),
+    }
+    sections: dict[str, dict] = {}
+    for name in SECTIONS:
+        if name not in only:
+            continue
+        need = plan.needs_s.get(name, 0)
+        if clock.left < need:
+            sections[name] = {"status": "skipped", "note": f"{clock.left:.0f} s of the budget left, needs about {need} s"}
+            clock.log(f"{name}: skipped ({sections[name]['note']})")
+            continue
+        clock.log(f"{name}: start")
+        start = time.monotonic()
+        try:
+            sections[name] = jobs[name]()
+        except Exception as e:  # one broken section must not cost the others' numbers
+            sections[name] = {"status": "failed", "note": f"{type(e).__name__}: {e}"}
+        sections[name]["seconds"] = round(time.monotonic() - start, 1)
+        clock.log(f"{name}: {sections[name]['status']} in {sections[name]['seconds']:.0f} s")
+        _release()
+    result = {"command": command, "device": plan.device, "budget_s": plan.budget_s, "wall_s": round(clock.elapsed, 1),
+              "machine": device_facts(), "thresholds": dict(ca_settings.DEVICE_MIN_ACTIVATION_RATIO),
+              "sections": sections}  # fmt: skip
+    (out / "gpu-check.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "gpu-check.md").write_text(markdown(result))
+    plot(result, out / "gpu-check.png")
+    print(markdown(result))
+    failed = [n for n, s in sections.items() if s["status"] in ("failed", "timeout")]
+    clock.log(f"done in {clock.elapsed:.0f} s; files in {out}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""`make gpu-check` must work the first time it meets a GPU: its dry run (every section,
+on CPU, at tiny sizes) runs here end to end and writes what the GPU run would.
+Nothing here looks at the times."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import compile_affine.bench.gpu_check as gpu_check
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_writes_every_section(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "compile_affine.bench.gpu_check", "--dry-run"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert {"gpu-check.json", "gpu-check.md", "gpu-check.png", "gpu-check-tests.log"} <= set(files)
+    assert len(files) <= 8  # what comes back from the device machine
+    result = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert result["device"] == "cpu" and result["thresholds"]["cuda"] > 0
+    sections = result["sections"]
+    assert list(sections) == list(gpu_check.SECTIONS)
+    assert sections["tests"]["status"] == "ok"
+    assert sections["finetune"]["status"] in ("checked", "skipped")
+    rows = {r["variant"]: r for r in sections["resnet"]["rows"]}
+    assert set(rows) == {f"{n} / {b}" for n, b in gpu_check.RESNET_VARIANTS}
+    assert rows["affine / compile_affine"]["folds"] not in ("-", "") and not rows["affine / compile_affine"]["folds"].startswith("0/")
+    assert all(r["step_ms"] > 0 for s in ("resnet", "blocks", "max-autotune") for r in sections[s]["rows"])
+    autotune = {r["variant"]: r for r in sections["max-autotune"]["rows"]}
+    assert autotune["affine / compile_affine-max-autotune"]["folds"] == "1/1"
+    assert {r["variant"] for r in sections["blocks"]["rows"]} == {f"{n} / {b}" for n, b in gpu_check.BLOCK_VARIANTS}
+    assert "## resnet: ok" in (tmp_path / "gpu-check.md").read_text()
+    # Progress lines carry the elapsed time.
+    assert "[gpu-check +" in proc.stderr
+
+
+def test_without_a_gpu_one_line_and_exit_0(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "no CUDA device" in out[0]
+    assert not any(tmp_path.iterdir())
+
+
+def test_pytest_summary_of_a_run_cut_off():
+    cut = "tests/test_a.py::test_x[cuda] PASSED [ 10%]\ntests/test_a.py::test_y[cuda] FAILED [ 20%]\n"
+    assert gpu_check._pytest_summary(cut) == "1 passed, 1 failed"
+    done = cut + "=========== 1 failed, 1 passed, 200 deselected in 3.00s ===========\n"
+    assert gpu_check._pytest_summary(done) == "1 failed, 1 passed, 200 deselected in 3.00s"
+
+
+def test_unknown_section_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown section"):
+        gpu_check.main(["--dry-run", "--only", "resnet,nope", "--out", str(tmp_path)])
+
+
+def test_gpu_blocks_bracket_the_gpu_default():
+    from compile_affine.settings import CUDA_MIN_ACTIVATION_RATIO
+
+    ratios = [gpu_check._act_per_weight(s) for s in gpu_check.GPU_BLOCKS]
+    assert min(ratios) < CUDA_MIN_ACTIVATION_RATIO / 2 and max(ratios) > 2 * CUDA_MIN_ACTIVATION_RATIO
