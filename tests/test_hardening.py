@@ -85,7 +85,7 @@ def test_training_with_dynamic_shapes_folds_without_recompiles(how, model_fn, sh
 
 class LateStage(torch.nn.Module):
     """A 64x64x3x3 conv (36864 weight elements) on a 4x4 map: 1024 output elements per
-    sample. At the default ratio 0.5, folding pays from batch 18 on."""
+    sample. At the default CPU ratio 0.3, folding pays from batch 11 on."""
 
     def __init__(self):
         super().__init__()
@@ -97,7 +97,7 @@ class LateStage(torch.nn.Module):
 
 
 def test_dynamic_batch_is_costed_at_the_smallest_batch_the_graph_serves():
-    """Traced at batch 32 with a dynamic batch, the graph also serves batch 2..31, where
+    """Traced at batch 32 with a dynamic batch, the graph also serves batch 2..10, where
     the fold would not pay: the decision is taken at batch 2 and declines. A static
     batch 32 folds. Batch 1 gets a graph of its own (Dynamo specializes it)."""
     model = LateStage().double()

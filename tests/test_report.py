@@ -65,7 +65,7 @@ def test_summary_says_why_in_user_terms(caplog):
     line = f"{graph.graph_name}: 2 affine layers: 1 folded, 1 declined by cost (weight larger than activation)"
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [line]
     declined = [s for s in graph.sites if s.declined_by_cost]
-    assert len(declined) == 1 and declined[0].reason.startswith("cost: activation 512 < 0.5 x weight 4608")
+    assert len(declined) == 1 and declined[0].reason.startswith("cost: activation 512 < 0.3 x weight 4608")
 
 
 def test_explain_leaves_the_callers_model_inputs_and_rng_alone():
