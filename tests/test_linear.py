@@ -4,7 +4,7 @@ permutes real blocks put between them, and the cases that must not fold."""
 import pytest
 import torch
 import torch.nn as nn
-from ._expect import TestCase  # skips where expecttest is missing
+from ._expect import TestCase, pinned_on_2_14  # skips where expecttest is missing
 
 import compile_affine
 
@@ -189,6 +189,7 @@ def layerscale(x, w, b, gamma):
 
 
 class TestLinearRewrite(TestCase):
+    @pinned_on_2_14
     def test_joint_graph_after(self):
         torch.manual_seed(0)
         args = [torch.randn(2, 5, 8), torch.randn(6, 8), torch.randn(6), torch.rand(6) + 0.5]

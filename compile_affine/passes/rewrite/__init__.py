@@ -20,6 +20,7 @@ in fp32 and cast back, and is tagged for recompute so the partitioner saves ``W`
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from ..sites import LinearSite, Site
@@ -27,6 +28,30 @@ from .batchnorm import normalise as normalise_batch_norm
 from .common import JUDGED, Emitter
 from .conv import fold_conv
 from .linear import fold_linear
+
+aten = torch.ops.aten
+
+
+def drop_addcmul_unit_factors(graph: fx.Graph) -> bool:
+    """``addcmul(t, y, s)`` is ``t + 1 * y * s`` after the decomposition some torch
+    releases (2.11) apply: the ``mul(y, 1)`` hides ``y``'s producer from recognition and
+    would make one user's affine two sites. Multiplying by the integer 1 changes neither
+    value, dtype nor shape, so its readers may read ``y`` itself. Only multiplies that
+    decomposition wrote are touched; returns whether any was."""
+    changed = False
+    for node in list(graph.nodes):
+        if node.target is not aten.mul.Tensor or "addcmul" not in str(node.meta.get("original_aten")):
+            continue
+        x, one = node.args[:2]
+        if not isinstance(x, fx.Node) or isinstance(one, bool) or not isinstance(one, (int, float)) or one != 1:
+            continue
+        val, out = x.meta.get("val"), node.meta.get("val")
+        if val is None or out is None or val.dtype != out.dtype or val.shape != out.shape:
+            continue
+        node.replace_all_uses_with(x)
+        graph.erase_node(node)
+        changed = True
+    return changed
 
 
 def fold(graph: fx.Graph, site: Site) -> fx.Node:
@@ -36,4 +61,4 @@ def fold(graph: fx.Graph, site: Site) -> fx.Node:
     return fold_conv(graph, site)
 
 
-__all__ = ["JUDGED", "Emitter", "fold", "fold_conv", "fold_linear", "normalise_batch_norm"]
+__all__ = ["JUDGED", "drop_addcmul_unit_factors", "Emitter", "fold", "fold_conv", "fold_linear", "normalise_batch_norm"]
