@@ -76,7 +76,9 @@ def _stub_site(device: str, activation: tuple, weight: tuple):
     def node(shape):
         return SimpleNamespace(meta={"val": SimpleNamespace(shape=shape, device=torch.device(device))})
 
-    return SimpleNamespace(y=node(activation), weight=node(weight), grad_scale_sum=None, computes_weight_grad=lambda: True)
+    w = node(weight)
+    return SimpleNamespace(y=node(activation), weight=w, real_weight=w, grad_scale_sum=None,
+                           computes_weight_grad=lambda: True)  # fmt: skip
 
 
 def test_default_threshold_is_per_device():
