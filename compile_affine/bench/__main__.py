@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m compile_affine.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("mode", nargs="?", default="resnet", choices=("resnet", "blocks", "layerscale", "finetune", "zoo"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default, also where CUDA exists) or cuda")
     p.add_argument("--batch", type=int, default=8, help="resnet and zoo batch (blocks use their own)")
     p.add_argument("--res", type=int, default=160, help="resnet input resolution")
     p.add_argument("--steps", type=int, default=10, help="timed interleaved rounds")
