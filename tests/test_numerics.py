@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import compile_affine
+from compile_affine.bench.fpn_draws import randomize
 from compile_affine.settings import Settings
 
 from .helpers import ALWAYS, pass_backend
@@ -32,23 +33,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _randomize_fpn(model: torch.nn.Module, seed: int, n: int, size: int) -> torch.Tensor:
-    """The issue's draw: fresh conv weights, FrozenBN weight U(0.5,1.5), bias N(0,0.1),
-    running mean N(0,0.1), running var U(0.5,2); returns the input."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                torch.nn.init.kaiming_uniform_(m.weight, a=1, generator=g)
-                if m.bias is not None:
-                    m.bias.uniform_(-0.1, 0.1, generator=g)
-            elif isinstance(m, FrozenBatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 2, generator=g)
-    return torch.randn(n, 3, size, size, generator=g)
+    return randomize(model, seed, n, size, conv_bias=0.1)
 
 
 def _fpn_grads(model, fn, x) -> dict[str, torch.Tensor]:

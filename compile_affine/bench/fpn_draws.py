@@ -26,7 +26,10 @@ BACKENDS = {
 }
 
 
-def randomize(model: torch.nn.Module, seed: int, batch: int, res: int) -> torch.Tensor:
+def randomize(model: torch.nn.Module, seed: int, batch: int, res: int, conv_bias: float = 0.0) -> torch.Tensor:
+    """The issue's draw: fresh conv weights (biases zero, or U(-conv_bias, conv_bias)),
+    FrozenBN weight U(0.5,1.5), bias N(0,0.1), running mean N(0,0.1), running var
+    U(0.5,2); returns the input."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     g = torch.Generator().manual_seed(seed)
@@ -34,9 +37,11 @@ def randomize(model: torch.nn.Module, seed: int, batch: int, res: int) -> torch.
         for m in model.modules():
             if isinstance(m, torch.nn.Conv2d):
                 torch.nn.init.kaiming_uniform_(m.weight, a=1, generator=g)
-                if m.bias is not None:
+                if m.bias is not None and conv_bias:
+                    m.bias.uniform_(-conv_bias, conv_bias, generator=g)
+                elif m.bias is not None:
                     m.bias.zero_()
-            if isinstance(m, FrozenBatchNorm2d):
+            elif isinstance(m, FrozenBatchNorm2d):
                 m.weight.uniform_(0.5, 1.5, generator=g)
                 m.bias.normal_(0, 0.1, generator=g)
                 m.running_mean.normal_(0, 0.1, generator=g)
