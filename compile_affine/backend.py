@@ -10,6 +10,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
 from . import report
 from ._compat import compile_inductor, get_custom_graph_passes, joint_passes
 from .passes.fold import AffineFoldError, AffineFoldPass
@@ -39,7 +41,8 @@ def backend(
     if not settings.enabled:
         return inductor(gm, example_inputs)
     fold_pass = AffineFoldPass(settings, mutated_inputs(gm))
-    patches = {"joint_custom_pre_pass": _chain(inductor.config, fold_pass)}
+    passes = _chain(inductor.config, fold_pass)
+    patches = {"joint_custom_pre_pass": joint_passes(passes)}
     try:
         compiled = compile_inductor(inductor, gm, example_inputs, patches)
     except Exception as e:
@@ -49,7 +52,7 @@ def backend(
         _warn_once(error)
         report.record(report.GraphRecord(graph_name=report.next_graph_name(), training=False, fell_back=str(error)))
         return inductor(gm, example_inputs)
-    key = records_key(gm, example_inputs, fold_pass, mode, inductor_options)
+    key = records_key(gm, example_inputs, passes, mode, inductor_options)
     if fold_pass.calls:
         report.persist(key, fold_pass.records)
     else:
@@ -61,19 +64,29 @@ def backend(
     return compiled
 
 
-def records_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], fold_pass: AffineFoldPass,
+def records_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], passes: Sequence[Any],
                 mode: str | None, inductor_options: dict[str, Any]) -> str:
     """The key the pass's records are kept under beside the cache: what AOTAutograd's
     cache key covers that can change the pass's decisions (the Dynamo graph, the inputs'
-    metadata, grad mode, the pass's uuid: its sources, settings and mutations)."""
+    metadata and the ranges of their symbolic sizes, grad and autocast modes, every joint
+    pass's uuid, ours hashing its sources, settings and mutations, and the options)."""
 
     def meta(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             return (tuple(map(str, x.shape)), tuple(map(str, x.stride())), str(x.dtype), str(x.device), x.requires_grad)
         return type(x).__name__ if not isinstance(x, (int, float, bool, str)) else str(x)
 
-    parts = (torch.__version__, fold_pass.uuid(), gm.code, [meta(x) for x in example_inputs],
-             torch.is_grad_enabled(), mode, sorted(map(str, inductor_options.items())))  # fmt: skip
+    def pass_id(p: Any) -> Any:
+        return p.uuid() if isinstance(p, CustomGraphPass) else repr(p)
+
+    # Ranges of symbolic sizes: the cost rule reads their lower bounds (cost.smallest).
+    ctx = torch._guards.TracingContext.try_get()
+    env = ctx.fake_mode.shape_env if ctx is not None and ctx.fake_mode is not None else None
+    ranges = sorted((str(k), str(v)) for k, v in env.var_to_range.items()) if env is not None else None
+    autocast = [(d, torch.is_autocast_enabled(d), str(torch.get_autocast_dtype(d))) for d in ("cpu", "cuda")]
+    parts = (torch.__version__, report.RECORDS_LAYOUT, [pass_id(p) for p in passes], gm.code,
+             [meta(x) for x in example_inputs], ranges, torch.is_grad_enabled(), autocast, mode,
+             sorted(map(str, inductor_options.items())))  # fmt: skip
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
@@ -109,10 +122,10 @@ _VIEW_OPS = {"view", "reshape", "transpose", "permute", "expand", "__getitem__",
              "unbind", "diagonal", "movedim", "detach"}  # fmt: skip
 
 
-def _chain(inductor_options: dict[str, Any], ours: AffineFoldPass) -> Any:
+def _chain(inductor_options: dict[str, Any], ours: AffineFoldPass) -> list:
     """Keep any joint pre-pass the user already set (globally or in options); ours runs last."""
     existing = inductor_options.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass)
-    return joint_passes([*get_custom_graph_passes(existing), ours])
+    return [*get_custom_graph_passes(existing), ours]
 
 
 def _fold_error(e: BaseException) -> AffineFoldError | None:

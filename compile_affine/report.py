@@ -283,18 +283,26 @@ def persist(key: str, graphs: list[GraphRecord]) -> None:
 
 def restore(key: str) -> list[GraphRecord] | None:
     """The records ``persist`` kept under ``key``, renamed for this process; None if absent."""
+    path = os.path.join(_records_dir(), f"{key}.json")
     try:
-        with open(os.path.join(_records_dir(), f"{key}.json")) as f:
+        with open(path) as f:
             payload = json.load(f)
-    except (OSError, ValueError):
+        graphs = []
+        for g in payload:
+            g = dict(g, graph_name=next_graph_name(), cache_hit=True, restored=True, rank=_rank())
+            g["sites"] = [SiteRecord(**_tuples(s)) for s in g["sites"]]
+            g["epilogues"] = [EpilogueRecord(**_tuples(e)) for e in g["epilogues"]]
+            graphs.append(GraphRecord(**g))
+    except FileNotFoundError:
         return None
-    graphs = []
-    for g in payload:
-        g = dict(g, graph_name=next_graph_name(), cache_hit=True, restored=True, rank=_rank())
-        g["sites"] = [SiteRecord(**_tuples(s)) for s in g["sites"]]
-        g["epilogues"] = [EpilogueRecord(**_tuples(e)) for e in g["epilogues"]]
-        graphs.append(GraphRecord(**g))
+    except Exception as e:  # unreadable or from another layout: the report says it has none
+        log.debug("ignoring the kept report %s: %s: %s", path, type(e).__name__, e)
+        return None
     return graphs
+
+
+RECORDS_LAYOUT = tuple(f.name for cls in (GraphRecord, SiteRecord, EpilogueRecord) for f in dataclasses.fields(cls))
+"""Part of the key the records are kept under: a changed record layout never reads old files."""
 
 
 def _tuples(fields: dict[str, Any]) -> dict[str, Any]:

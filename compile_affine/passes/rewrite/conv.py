@@ -103,6 +103,12 @@ def _fold_backward(graph: fx.Graph, site: ConvSite, emit: Emitter, cmap: _Channe
     need_gs = site.grad_scale_sum is not None
     has_bias = bias is not None
     mask = [old_mask[0], old_mask[1] or need_gs, has_bias and (old_mask[2] or need_gs)]
+    # gb' = sum(g) per channel. The shift's gradient is that same reduction, already in
+    # the graph (an eval batch norm's bias always has one): reuse it rather than have
+    # convolution_backward run a second activation-sized pass.
+    shift_sum = _channel_sum(site.grad) if mask[2] else None
+    if shift_sum is not None:
+        mask[2] = False
     if not any(mask):
         return
     old = {u.args[1]: u for u in (cb.users if cb is not None else ())}
@@ -117,6 +123,8 @@ def _fold_backward(graph: fx.Graph, site: ConvSite, emit: Emitter, cmap: _Channe
         grad_x, grad_w_fold, grad_b_fold = (
             emit(operator.getitem, new_cb, i) if mask[i] else None for i in range(3)
         )
+        if shift_sum is not None:
+            grad_b_fold = emit(aten.reshape.default, shift_sum, [cmap.channels])
         if 0 in old:
             old[0].replace_all_uses_with(grad_x)
         if 1 in old:
@@ -133,3 +141,15 @@ def _fold_backward(graph: fx.Graph, site: ConvSite, emit: Emitter, cmap: _Channe
 
     dead = [*old.values(), cb, site.grad_cast, site.grad_conv_input, site.grad_scale_sum]
     erase_dead(graph, dead)
+
+
+def _channel_sum(g: fx.Node | None) -> fx.Node | None:
+    """An existing ``sum(g)`` over every dim but the channel axis (1), in ``g``'s dtype."""
+    if g is None:
+        return None
+    ndim = g.meta["val"].ndim
+    for user in g.users:
+        if (user.target is aten.sum.dim_IntList and user.args[0] is g and user.kwargs.get("dtype") is None
+                and sorted(d % ndim for d in user.args[1]) == [0, *range(2, ndim)]):  # fmt: skip
+            return user
+    return None

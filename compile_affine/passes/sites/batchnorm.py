@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .base import InputMutations, Operand, backward_region, mutated_inputs, only_user, reaches, same_shape, shape_of
+from .base import (USER_AFFINE_OPS, InputMutations, Operand, backward_region, mutated_inputs, only_user, reaches,
+                   same_shape, shape_of, traced_for_backward)
 from .linear import LinearSite, linear_site
 
 aten = torch.ops.aten
@@ -118,7 +119,8 @@ def _per_channel(operand: Any, y: fx.Node, what: str) -> str | None:
     if not isinstance(operand, fx.Node):
         return f"batch norm {what} is not a tensor"
     problem = operand_problem(operand, y.meta["val"], what)
-    if problem is None and shape_of(operand) and torch.Size(shape_of(operand)).numel() != y.meta["val"].shape[1]:
+    # A 0-d operand passes the broadcast rule but is not C values: the rewrite needs C.
+    if problem is None and torch.Size(shape_of(operand)).numel() != y.meta["val"].shape[1]:
         problem = f"{what} is not one value per channel"
     return problem
 
@@ -138,11 +140,14 @@ def _producer(y: Any) -> tuple[bool, LinearSite | None]:
 def find_batch_norms(gm: fx.GraphModule, seen: InputMutations = InputMutations()) -> list[BatchNorm]:
     graph = gm.graph
     backward = backward_region(graph)
+    traced = traced_for_backward(graph, backward) if backward else set()
     mutated = mutated_inputs(graph, seen)
     found = []
     for sub in graph.nodes:
-        if sub.target is not aten.sub.Tensor or sub in backward or sub.kwargs.get("alpha", 1) != 1:
+        if sub.target is not aten.sub.Tensor or sub in traced or sub.kwargs.get("alpha", 1) != 1:
             continue
+        if not _from_batch_norm_or_user(sub):
+            continue  # LayerNorm's (y - mean) * rstd looks the same
         y, rm = sub.args[:2]
         norm = only_user(sub, aten.mul.Tensor)
         if norm is None or not isinstance(rm, fx.Node):
@@ -154,7 +159,7 @@ def find_batch_norms(gm: fx.GraphModule, seen: InputMutations = InputMutations()
             continue
         bn = BatchNorm(y=y, sub=sub, norm=norm, running_mean=rm, invstd=inv, invstd_key=key, linear=linear)
         _attach_weight(bn)
-        _attach_backward_subs(bn)
+        _attach_backward_subs(bn, traced)
         bn.problem = _problem(bn, backward, mutated)
         found.append(bn)
     return found
@@ -172,15 +177,23 @@ def _attach_weight(bn: BatchNorm) -> None:
         bn.weight_mul, bn.weight = mul, w
 
 
-def _attach_backward_subs(bn: BatchNorm) -> None:
-    """Sort the other readers of ``y``: the formula's ``sub(y, rm)`` (it reads no tangent,
-    so it may sit in either region), or anything else."""
+def _from_batch_norm_or_user(sub: fx.Node) -> bool:
+    """A batch norm's decomposition wrote ``sub`` (or the user did, by hand); not another
+    op's (LayerNorm's, GroupNorm's), whose statistics are computed from ``y``."""
+    origin = sub.meta.get("original_aten")
+    return origin is None or "batch_norm" in str(origin) or str(origin) in USER_AFFINE_OPS
+
+
+def _attach_backward_subs(bn: BatchNorm, traced: set[fx.Node]) -> None:
+    """Sort the other readers of ``y``: the formula's ``sub(y, rm)``, which the backward
+    wrote (it reads no tangent, so only AOTAutograd's tag tells), or anything else. A
+    forward ``sub(y, rm)`` is another reader: a second batch norm on the same output."""
     rm_base = strip(bn.running_mean)
     y_val = bn.y.meta["val"]
     for user in bn.y.users:
         if user is bn.sub:
             continue
-        if (user.target is aten.sub.Tensor and user.args[0] is bn.y and user.kwargs.get("alpha", 1) == 1
+        if (user in traced and user.target is aten.sub.Tensor and user.args[0] is bn.y and user.kwargs.get("alpha", 1) == 1
                 and isinstance(user.args[1], fx.Node) and strip(user.args[1]) is rm_base
                 and _per_channel(user.args[1], bn.y, "running mean") is None
                 and same_shape(shape_of(user), shape_of(bn.y)) and _dtype(user) == y_val.dtype):  # fmt: skip
@@ -222,6 +235,14 @@ def _same_scale(node: Any, bn: BatchNorm) -> bool:
     return (invstd_key(a) == bn.invstd_key and strip(b) is w) or (invstd_key(b) == bn.invstd_key and strip(a) is w)
 
 
+def _feeds_conv_backward(node: fx.Node, conv: fx.Node) -> bool:
+    """``node`` (through a cast) is the grad-output of ``conv``'s own backward."""
+    readers = list(node.users)
+    readers += [u for r in readers if r.target is prims.convert_element_type.default for u in r.users]
+    return any(r.target is aten.convolution_backward.default and r.args[1] is conv.args[0] and r.args[2] is conv.args[1]
+               for r in readers)  # fmt: skip
+
+
 def _backward_scales(bn: BatchNorm, backward: set[fx.Node]) -> list[tuple[fx.Node, int]]:
     """The backward's ``g * (invstd * w)``: it feeds the producer's backward, and is
     recognised there only if it multiplies by the forward's scale node itself."""
@@ -229,6 +250,8 @@ def _backward_scales(bn: BatchNorm, backward: set[fx.Node]) -> list[tuple[fx.Nod
     for node in backward:
         if node.target is not aten.mul.Tensor or not same_shape(shape_of(node), shape_of(bn.y)):
             continue
+        if bn.linear is None and not _feeds_conv_backward(node, bn.y):
+            continue  # the same batch norm module after another conv (a Siamese net)
         for i in (0, 1):
             operand = node.args[i]
             if (isinstance(operand, fx.Node) and len(shape_of(operand)) == len(shape_of(bn.y))
