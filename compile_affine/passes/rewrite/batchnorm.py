@@ -17,15 +17,10 @@ import torch
 import torch.fx as fx
 
 from ..sites.batchnorm import KIND, BatchNorm
-from .common import Emitter
+from .common import Emitter, erase_dead
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-
-# Dead nodes a normalisation leaves behind (the old chain and the formula's recomputed scale).
-_PURE = {aten.sub.Tensor, aten.mul.Tensor, aten.add.Tensor, aten.rsqrt.default, aten.unsqueeze.default,
-         aten.view.default, aten.reshape.default, aten.convolution.default, prims.convert_element_type.default}  # fmt: skip
-
 
 def normalise(graph: fx.Graph, bn: BatchNorm) -> fx.Node:
     """Rewrite ``bn`` in place; returns the new anchor ``mul(y', k)``."""
@@ -60,14 +55,6 @@ def normalise(graph: fx.Graph, bn: BatchNorm) -> fx.Node:
         sub.replace_all_uses_with(y_new)
     for mul, i in bn.backward_scales:
         mul.update_arg(i, k)
-    _erase_dead(graph, [bn.tail, *bn.backward_subs, *old_scales, bn.y if bn.linear is None else None])
+    erase_dead(graph, [bn.tail, *bn.backward_subs, *old_scales, bn.y if bn.linear is None else None])
     return anchor
 
-
-def _erase_dead(graph: fx.Graph, nodes: list) -> None:
-    pending = [n for n in nodes if isinstance(n, fx.Node)]
-    while pending:
-        node = pending.pop()
-        if not node._erased and not node.users and node.op == "call_function" and node.target in _PURE:
-            pending += node.all_input_nodes
-            graph.erase_node(node)
