@@ -17,8 +17,8 @@ except ImportError:
 
 _TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
-pinned_on_2_14 = unittest.skipIf(_TORCH < (2, 14), "graph text pinned on torch 2.14; older releases order these nodes differently")
+pinned_on_2_14 = unittest.skipIf(_TORCH < (2, 14), "graph text pinned on torch 2.14; older releases order or decompose these nodes differently")
 """For an expect-test whose pinned text only torch 2.14's graph matches (the rewrite is
-the same; the node order AOTAutograd gives the joint graph is not)."""
+the same; the node order AOTAutograd gives the joint graph, or the decomposition, is not)."""
 
 __all__ = ["TestCase", "pinned_on_2_14"]

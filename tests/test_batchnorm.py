@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ._expect import TestCase  # skips where expecttest is missing
+from ._expect import TestCase, pinned_on_2_14  # skips where expecttest is missing
 
 import compile_affine
 from compile_affine.bench.measure import saved_for_backward
@@ -87,6 +87,7 @@ def bn_args(requires=(False, True, True, True, True)):
 
 
 class TestGraphs(TestCase):
+    @pinned_on_2_14  # 2.11 writes rsqrt as reciprocal(sqrt(...)) * 1 in the forward
     def test_joint_graph(self):
         _, after = joint_graph(bn_fn, *bn_args())
         self.assertExpectedInline(graph_text(after), """\

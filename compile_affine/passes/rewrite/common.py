@@ -73,7 +73,8 @@ def first_in_graph(graph: fx.Graph, nodes: list[fx.Node]) -> fx.Node:
 # Pure ops the fold leaves dead behind it; their dead inputs of these kinds go too.
 _PURE = {
     aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.neg.default, aten.add.Tensor, aten.sub.Tensor,
-    aten.addcmul.default, aten.rsqrt.default, aten.unsqueeze.default, aten.sum.dim_IntList, aten.sum.default, aten.convolution.default,
+    aten.addcmul.default, aten.rsqrt.default, aten.sqrt.default, aten.reciprocal.default, aten.unsqueeze.default,
+    aten.sum.dim_IntList, aten.sum.default, aten.convolution.default,
     aten.convolution_backward.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.view.default,
     aten._unsafe_view.default, aten.reshape.default, aten.permute.default, aten.transpose.int, aten.t.default,
     aten.clone.default, aten.alias.default, prims.convert_element_type.default, operator.getitem,

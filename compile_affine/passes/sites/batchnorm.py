@@ -100,9 +100,14 @@ def _dtype(node: Any) -> torch.dtype | None:
 
 def invstd_key(node: Any) -> tuple | None:
     """``(rv, eps)`` if ``node`` is a view of ``rsqrt(rv + eps)`` (rv up to views and
-    same-dtype casts), as both the forward and the backward decomposition compute it."""
+    same-dtype casts), as both the forward and the backward decomposition compute it.
+    torch 2.11's inference decomposition writes ``reciprocal(sqrt(rv + eps)) * 1`` instead."""
     node = strip(node)
-    if not (isinstance(node, fx.Node) and node.target is aten.rsqrt.default):
+    if isinstance(node, fx.Node) and node.target is aten.reciprocal.default:
+        node = node.args[0]
+        if not (isinstance(node, fx.Node) and node.target is aten.sqrt.default):
+            return None
+    elif not (isinstance(node, fx.Node) and node.target is aten.rsqrt.default):
         return None
     add = node.args[0]
     if not (isinstance(add, fx.Node) and add.target is aten.add.Tensor and add.kwargs.get("alpha", 1) == 1):
