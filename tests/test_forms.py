@@ -46,6 +46,11 @@ FORMS = {
         3,
     ),
     "shared scale": (lambda m, x: m.convs[0](x) * m.s1 + m.convs[1](x) * m.s1, 2),
+    # torch 2.11 writes Dropout(p=0) in training as a clone of the conv output
+    "Dropout(0.0), then * s": (lambda m, x: torch.nn.functional.dropout(m.convs[0](x), 0.0) * m.s1, 1),
+    "clone, then * s": (lambda m, x: m.convs[0](x).clone() * m.s1, 1),
+    # a clone that changes the layout is not the conv's value as laid out: no site
+    "channels_last clone, then * s": (lambda m, x: m.convs[0](x).clone(memory_format=torch.channels_last) * m.s1, 0),
 }
 
 

@@ -56,6 +56,7 @@ def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = Inpu
     record = report.GraphRecord(graph_name=report.next_graph_name(), training=training)
     normalised = _normalise_batch_norms(gm, settings, mutations, record)
     normalised |= rewrite.drop_addcmul_unit_factors(gm.graph)
+    normalised |= rewrite.drop_clones_of_convolutions(gm.graph)
     # A fold turns ``conv * s1 + t1`` into a conv, which makes a following ``* s2`` a new
     # site (with the backward shape autograd would have given it): repeat until a round
     # folds nothing, so chains of affines fold into one conv.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch._inductor.fx_passes.post_grad import same_meta
 
 from ..sites import LinearSite, Site
 from .batchnorm import normalise as normalise_batch_norm
@@ -54,6 +55,27 @@ def drop_addcmul_unit_factors(graph: fx.Graph) -> bool:
     return changed
 
 
+def drop_clones_of_convolutions(graph: fx.Graph) -> bool:
+    """``clone(conv(...))`` with the conv's own layout is what torch 2.11 writes for a
+    ``Dropout(p=0.0)`` in training (timm's ``Mlp(drop=0.)``); it hides the conv from the
+    affine after it. A conv output is a fresh tensor nothing mutates in a functional graph,
+    so a clone that keeps its sizes, strides and dtype is the same value: its readers may
+    read the conv. Clones that are graph outputs stay (two outputs must not alias).
+    Returns whether any was dropped."""
+    output = graph.output_node()
+    changed = False
+    for node in list(graph.find_nodes(op="call_function", target=aten.clone.default)):
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.target is aten.convolution.default) or output in node.users:
+            continue
+        if not same_meta(node, src):
+            continue
+        node.replace_all_uses_with(src)
+        graph.erase_node(node)
+        changed = True
+    return changed
+
+
 def fold(graph: fx.Graph, site: Site) -> fx.Node:
     """Rewrite ``site`` in place; returns the folded producer node."""
     if isinstance(site, LinearSite):
@@ -61,4 +83,4 @@ def fold(graph: fx.Graph, site: Site) -> fx.Node:
     return fold_conv(graph, site)
 
 
-__all__ = ["JUDGED", "drop_addcmul_unit_factors", "Emitter", "fold", "fold_conv", "fold_linear", "normalise_batch_norm"]
+__all__ = ["JUDGED", "drop_addcmul_unit_factors", "drop_clones_of_convolutions", "Emitter", "fold", "fold_conv", "fold_linear", "normalise_batch_norm"]
