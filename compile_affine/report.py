@@ -91,6 +91,8 @@ class GraphRecord:
     wrote (GELU, LayerNorm...), by that op: left alone, and not affine layers."""
     restored: bool = False
     """With ``cache_hit``: the sites are the ones recorded when the cache entry was made."""
+    pass_s: float = 0.0
+    """Seconds the pass itself took on this graph (part of the compile time)."""
 
     @property
     def folded(self) -> int:
@@ -289,7 +291,7 @@ def restore(key: str) -> list[GraphRecord] | None:
             payload = json.load(f)
         graphs = []
         for g in payload:
-            g = dict(g, graph_name=next_graph_name(), cache_hit=True, restored=True, rank=_rank())
+            g = dict(g, graph_name=next_graph_name(), cache_hit=True, restored=True, rank=_rank(), pass_s=0.0)
             g["sites"] = [SiteRecord(**_tuples(s)) for s in g["sites"]]
             g["epilogues"] = [EpilogueRecord(**_tuples(e)) for e in g["epilogues"]]
             graphs.append(GraphRecord(**g))

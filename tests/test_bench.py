@@ -18,6 +18,9 @@ def test_blocks_cli_writes_json(tmp_path, capsys):
     rows = {r["variant"]: r for r in data["rows"]}
     assert rows["affine / compile_affine-always"]["folds"] == "4/4"
     assert rows["affine / inductor"]["folds"] == "-"
+    # The pass's own share of the compile: timed for our variant only.
+    assert 0 < rows["affine / compile_affine-always"]["pass_s"] < rows["affine / compile_affine-always"]["compile_s"] + 1
+    assert rows["affine / inductor"]["pass_s"] is None
     assert all(r["step_ms"] > 0 and r["saved_mib"] > 0 for r in data["rows"])
     assert plot.stat().st_size > 0
     assert "| scenario" in capsys.readouterr().out

@@ -98,6 +98,7 @@ m(torch.randn(2, 3, 6, 6)).sum().backward()
 r = compile_affine.report()
 print("REPORT " + json.dumps({
     "cache_hit": [g.cache_hit for g in r.graphs], "summaries": [g.summary() for g in r.graphs],
+    "pass_ran": [g.pass_s > 0 for g in r.graphs],
     "sites": [[s.location, s.kind, s.producer, list(s.output_shape), s.folded, s.reason] for s in r.sites]}))
 """
 
@@ -118,6 +119,7 @@ def test_second_process_on_a_warm_cache_reports_the_same_sites(tmp_path):
     first, first_log = _run_process(tmp_path)
     second, _ = _run_process(tmp_path)
     assert first["cache_hit"] == [False] and second["cache_hit"] == [True], (first, second)
+    assert first["pass_ran"] == [True] and second["pass_ran"] == [False]  # no pass time on a hit
     assert second["sites"] == first["sites"] and len(first["sites"]) == 2
     assert second["summaries"] == [first["summaries"][0].replace("graph 0:", "graph 0 (from cache):")]
     # TORCH_LOGS="+compile_affine" turns on the per-site DEBUG lines, as for Inductor's logs.

@@ -118,6 +118,7 @@ def _row(scenario: str, v: Variant, group: list[Variant]) -> dict:
         "ratio_vs_stock_same_net": round(v.step / stock_same_net.step, 3) if stock_same_net else None,
         "saved_mib": round(v.saved_mib, 1),
         "compile_s": round(v.compile_s, 1),
+        "pass_s": None if v.pass_s is None else round(v.pass_s, 2),
         "folds": v.folds,
     }
 
@@ -125,7 +126,7 @@ def _row(scenario: str, v: Variant, group: list[Variant]) -> dict:
 COLUMNS = [
     ("scenario", "scenario"), ("variant", "variant"), ("step_ms", "step ms"), ("fwd_ms", "fwd ms"),
     ("bwd_ms", "bwd ms"), ("ratio", "x none/inductor"), ("ratio_vs_stock_same_net", "x stock same net"),
-    ("saved_mib", "saved MiB"), ("compile_s", "compile s"), ("folds", "folds"),
+    ("saved_mib", "saved MiB"), ("compile_s", "compile s"), ("pass_s", "pass s"), ("folds", "folds"),
 ]  # fmt: skip
 
 

@@ -40,6 +40,8 @@ class Variant:
     compile_s: float = 0.0
     saved_mib: float = 0.0
     folds: str = ""
+    pass_s: float | None = None
+    """Seconds compile_affine's pass took in the compile (None for the stock variants)."""
     settings: dict = dataclasses.field(default_factory=dict)
     """compile_affine options for this variant alone, over the runner's."""
     label: str = ""
@@ -175,7 +177,11 @@ class Runner:
             self._fwd_bwd(v)
             v.compile_s = time.perf_counter() - t0
         report = compile_affine.report()
-        v.folds = f"{report.folded}/{len(report.sites)}" if v.backend.startswith("compile_affine") else "-"
+        if v.backend.startswith("compile_affine"):
+            v.folds = f"{report.folded}/{len(report.sites)}"
+            v.pass_s = sum(g.pass_s for g in report.graphs)
+        else:
+            v.folds = "-"
         if report.epilogues:
             v.folds += f" +{report.fused_epilogues}/{len(report.epilogues)} epi"
         for _ in range(warmup):
@@ -184,7 +190,8 @@ class Runner:
         if not self.inference:
             with self.autocast():
                 v.saved_mib = saved_for_backward(lambda: v.fn(v.x)).mib
-        progress(f"  {v.name}: first step {v.compile_s:.1f}s, folds {v.folds}")
+        own = "" if v.pass_s is None else f" (pass {v.pass_s:.2f}s)"
+        progress(f"  {v.name}: first step {v.compile_s:.1f}s{own}, folds {v.folds}")
 
     def run(self, variants: list[Variant], steps: int, warmup: int = 2) -> None:
         for v in variants:

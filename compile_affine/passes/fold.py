@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import re
+import time
 from collections import Counter
 
 import torch.fx as fx
@@ -43,10 +44,12 @@ class AffineFoldPass(CustomGraphPass):
 
     def __call__(self, graph: fx.Graph) -> None:
         self.calls += 1
+        t0 = time.perf_counter()
         try:
             record = run(graph.owning_module, self.settings, self.mutations)
         except Exception as e:
             raise AffineFoldError(f"compile_affine pass failed: {type(e).__name__}: {e}") from e
+        record.pass_s = time.perf_counter() - t0
         self.records.append(record)
         report.record(record)
 
