@@ -95,7 +95,8 @@ def register_user_lowering(op: torch._ops.OpOverload, fn: Any) -> None:
 # Inductor's conv lowering in 2.11 calls freeze_layout() on the bias, which a view
 # (a reshaped shift, say) does not implement; 2.14's realizes views first. Releases in
 # between were not checked, so they get the 2.11 treatment.
-_CONV_TAKES_VIEW_BIAS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+_CONV_TAKES_VIEW_BIAS = _TORCH >= (2, 14)
 _VIEWS = {"view", "reshape", "_unsafe_view", "expand", "squeeze", "unsqueeze", "permute", "t", "transpose", "alias"}
 
 
@@ -108,3 +109,12 @@ def conv_bias(emit: Any, bias: Any) -> Any:
         return bias
     aten = torch.ops.aten
     return emit(aten.neg.default, emit(aten.neg.default, bias))
+
+
+# torch 2.11's Inductor (CPU, seen on convnext_atto) can fuse the zero fill of an
+# ``as_strided_scatter`` base after the scatter into it, zeroing the gradient: global
+# average pooling's backward on a 1x1 channels-last output builds exactly that. Stock
+# Inductor hits it at some shapes; fed straight to the folded ``convolution_backward``
+# (instead of through ``g * s``) it hits more. 2.14 orders them right; the releases in
+# between were not checked, so they are treated as 2.11.
+SCATTER_FILL_MISORDERED = _TORCH < (2, 14)

@@ -157,8 +157,10 @@ def randomize_affines(model: nn.Module) -> None:
 # node counts from tracing each model with bench.zoo.fx_backend, plus about 30 s for the
 # timed rounds, the eager and the float64 runs. A rough guide, not a measurement.
 ZOO = [
+    # tiny at 64 px: at 32 px the last stage is 1x1, where stock Inductor of torch 2.11.0
+    # (CPU, no compile_affine involved) returns wrong gradients for the last stage and all before it.
     ZooModel("convnext_atto", "timm convnext_atto", "LayerScale gamma (1,C,1,1) after the MLP's 1x1 conv (conv_mlp=True)",
-             _timm("convnext_atto"), 128, tiny={"depths": (1, 1, 1, 1)}, est_s=95),
+             _timm("convnext_atto"), 128, tiny={"depths": (1, 1, 1, 1)}, tiny_size=64, est_s=95),
     ZooModel("deit3_small", "timm deit3_small_patch16_224, depth 4 of 12", "LayerScale gamma (C,) after attn.proj and mlp.fc2 linears",
              _timm("deit3_small_patch16_224"), 224, kwargs={"depth": 4}, tiny={"depth": 1}, sized=True, est_s=75),
     ZooModel("cait_xxs24", "timm cait_xxs24_224, depth 2 of 24, and its 2 class-attention blocks",

@@ -16,7 +16,10 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .._compat import SCATTER_FILL_MISORDERED
 from .sites import LinearSite, Operand, Site, reaches, same_shape
+
+aten = torch.ops.aten
 
 CHANNEL_AXIS = 1  # aten.convolution output is (N, C, *spatial)
 
@@ -134,6 +137,24 @@ def result_unchanged(site: Site) -> str | None:
     return None
 
 
+# Ops a gradient passes through on its way from a scatter without being materialised.
+_THROUGH = {aten.expand.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+            aten.as_strided.default, aten.permute.default, aten.squeeze.dim, aten.squeeze.dims,
+            aten.unsqueeze.default, aten.div.Scalar, aten.mul.Scalar, aten.clone.default,
+            torch.ops.prims.convert_element_type.default}  # fmt: skip
+
+
+def gradient_not_from_scatter(site: Site) -> str | None:
+    """On torch < 2.14 the folded backward must not read ``g`` straight from an
+    ``as_strided_scatter`` (see ``_compat.SCATTER_FILL_MISORDERED``)."""
+    g = site.grad
+    while SCATTER_FILL_MISORDERED and isinstance(g, fx.Node):
+        if g.target is aten.as_strided_scatter.default:
+            return "gradient comes from as_strided_scatter, which Inductor before torch 2.14 can zero"
+        g = g.args[0] if g.target in _THROUGH else None
+    return None
+
+
 RULES: tuple[Callable[[Site], str | None], ...] = (
     graph_supported,
     has_metadata,
@@ -145,6 +166,7 @@ RULES: tuple[Callable[[Site], str | None], ...] = (
     scale_per_channel,
     scale_independent_of_output,
     result_unchanged,
+    gradient_not_from_scatter,
 )
 
 
