@@ -71,6 +71,7 @@ def test_every_rule_has_a_reason_string():
         "scale_per_channel",
         "scale_independent_of_output",
         "result_unchanged",
+        "gradient_not_from_scatter",
     ]
 
 
