@@ -206,6 +206,7 @@ def check_against_eager(
     x_e = x.detach().clone().requires_grad_(x.requires_grad)
     x_c = x.detach().clone().requires_grad_(x.requires_grad)
     out_e, out_c = eager(x_e), compiled(x_c)
+    assert_aliasing_as_eager(out_c, out_e, [x_c, *compiled_model.parameters()], [x_e, *eager.parameters()])
     assert_close_rel(out_c, out_e, out_tol, "forward")
     grad_out = torch.randn_like(out_e)
     out_e.backward(grad_out)
@@ -229,6 +230,23 @@ def check_against_eager(
         assert_close_rel(p_c, p_e, grad_tol, f"param {name} after {steps} steps")
     _assert_buffers_equal(compiled_model, eager, grad_tol, f"after {steps} steps")
     return folded
+
+
+def alias_pattern(*values) -> list[tuple[int, int]]:
+    """Which of the tensors in ``values`` (flattened) share a storage, as index pairs:
+    what a program can observe of aliasing by writing through one of them."""
+    import torch.utils._pytree as pytree
+
+    keys = [(t.device, t.untyped_storage().data_ptr()) if isinstance(t, torch.Tensor) and t.numel() else None
+            for t in pytree.tree_leaves(values)]  # fmt: skip
+    return [(i, j) for i in range(len(keys)) for j in range(i + 1, len(keys)) if keys[i] is not None and keys[i] == keys[j]]
+
+
+def assert_aliasing_as_eager(compiled_out, eager_out, compiled_inputs, eager_inputs) -> None:
+    """The harness-wide guard: outputs share memory with each other and with the inputs
+    and parameters exactly where eager's do (stock Inductor keeps eager's aliasing)."""
+    got, want = alias_pattern(compiled_out, compiled_inputs), alias_pattern(eager_out, eager_inputs)
+    assert got == want, f"outputs alias differently from eager: compiled {got}, eager {want}"
 
 
 def _assert_buffers_equal(compiled: torch.nn.Module, eager: torch.nn.Module, tol: float, when: str) -> None:

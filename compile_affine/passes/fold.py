@@ -57,6 +57,10 @@ class AffineFoldPass(CustomGraphPass):
 def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = InputMutations()) -> report.GraphRecord:
     training = bool(backward_region(gm.graph))
     record = report.GraphRecord(graph_name=report.next_graph_name(), training=training)
+    # Normalising (a batch norm into the generic form, a unit factor or a clone dropped)
+    # only serves a fold. If none follows, Inductor must get the graph exactly as it came:
+    # same nodes, same rounding, same aliasing (docs/design.md, "What stays as stock").
+    original = copy_graph(gm.graph)
     normalised = _normalise_batch_norms(gm, settings, mutations, record)
     normalised |= rewrite.drop_addcmul_unit_factors(gm.graph)
     normalised |= rewrite.drop_clones_of_convolutions(gm.graph)
@@ -79,13 +83,26 @@ def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = Inpu
         if not any(r.folded for r in records):
             break
     record.internal = dict(internal)
-    if record.folded or normalised:
+    if record.folded:
         stable_topological_sort(gm.graph)  # a linear fold emits nodes where their inputs are not all defined yet
         gm.graph.lint()
         gm.recompile()
+    elif normalised:
+        gm.graph = original  # the setter recompiles
     if settings.epilogue == "auto":
         record.epilogues = fuse_epilogues(gm, _location)
     return record
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A node-for-node copy (same names, meta, order and codegen) of ``graph``."""
+    twin = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls,
+                    tracer_extras=graph._tracer_extras)  # fmt: skip
+    twin._codegen = graph._codegen
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        env[node] = twin.node_copy(node, env.__getitem__)
+    return twin
 
 
 def _normalise_batch_norms(gm: fx.GraphModule, settings: Settings, mutations: InputMutations,

@@ -14,54 +14,13 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .._compat import SCATTER_FILL_MISORDERED
-from .sites import LinearSite, Operand, Site, reaches, same_shape
+from .graph import CHANNEL_AXIS, operand_problem, reaches, same_shape
+from .graph import val as _val
+from .sites import LinearSite, Site
 
 aten = torch.ops.aten
-
-CHANNEL_AXIS = 1  # aten.convolution output is (N, C, *spatial)
-
-
-def _val(node: fx.Node) -> torch.Tensor | None:
-    val = node.meta.get("val")
-    return val if isinstance(val, torch.Tensor) else None
-
-
-def _known_one(size) -> bool:
-    # statically_known_true never installs a guard, so fold decisions add no recompiles.
-    return statically_known_true(size == 1)
-
-
-def _known_equal(a, b) -> bool:
-    return statically_known_true(a == b)
-
-
-def operand_problem(operand: Operand, out: torch.Tensor, what: str, axis: int = CHANNEL_AXIS) -> str | None:
-    """Is ``operand`` one value per output channel (``out``'s ``axis``), or one value overall?"""
-    if isinstance(operand, bool) or not isinstance(operand, (int, float, fx.Node)):
-        return f"{what} is not a tensor or a real number"
-    if not isinstance(operand, fx.Node):
-        return None
-    val = _val(operand)
-    if val is None:
-        return f"{what} has no tensor metadata"
-    if val.ndim > out.ndim:
-        return f"{what} has more dims than the conv output"
-    shape = (1,) * (out.ndim - val.ndim) + tuple(val.shape)
-    for dim, size in enumerate(shape):
-        if _known_one(size):
-            continue
-        if dim == axis:
-            if _known_equal(size, out.shape[axis]):
-                continue
-            return f"{what} size {size} does not match {out.shape[axis]} channels"
-        if dim == 0:
-            return f"{what} varies per sample"
-        return f"{what} varies along {'spatial ' if axis == CHANNEL_AXIS else ''}dim {dim}, not the channel axis"
-    return None
-
 
 # --- the rules, in the order the report should name the first failure ---------------
 

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.fx_passes.post_grad import same_meta
 
+from ..graph import fresh_result
 from ..sites import LinearSite, Site
 from .batchnorm import normalise as normalise_batch_norm
 from .common import JUDGED, Emitter
@@ -59,16 +60,16 @@ def drop_clones_of_convolutions(graph: fx.Graph) -> bool:
     """``clone(conv(...))`` with the conv's own layout is what torch 2.11 writes for a
     ``Dropout(p=0.0)`` in training (timm's ``Mlp(drop=0.)``); it hides the conv from the
     affine after it. A conv output is a fresh tensor nothing mutates in a functional graph,
-    so a clone that keeps its sizes, strides and dtype is the same value: its readers may
-    read the conv. Clones that are graph outputs stay (two outputs must not alias).
-    Returns whether any was dropped."""
-    output = graph.output_node()
+    so a clone that keeps its sizes, strides and dtype holds the same values. Reading the
+    conv instead is unobservable only if no reader of the clone can hand out its storage:
+    every reader must compute a fresh tensor (no view, no in-place op, not a graph output),
+    or two outputs that eager keeps apart would share memory. Returns whether any was dropped."""
     changed = False
     for node in list(graph.find_nodes(op="call_function", target=aten.clone.default)):
         src = node.args[0]
-        if not (isinstance(src, fx.Node) and src.target is aten.convolution.default) or output in node.users:
+        if not (isinstance(src, fx.Node) and src.target is aten.convolution.default) or not same_meta(node, src):
             continue
-        if not same_meta(node, src):
+        if not all(fresh_result(user) for user in node.users):
             continue
         node.replace_all_uses_with(src)
         graph.erase_node(node)

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 from ..._compat import conv_bias
-from ..legality import CHANNEL_AXIS
+from ..graph import CHANNEL_AXIS
 from ..sites import ConvSite
 from .common import (Emitter, add_shift, erase_dead, finish_result, first_in_graph, per_channel,
                      replace_scale_grad, reshape, scale_vector)

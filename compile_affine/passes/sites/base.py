@@ -6,16 +6,15 @@ mutated inputs and the backward region.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..graph import (Operand, backward_region, is_tangent, known, only_user, other_operand, reaches, same_shape,
+                     shape_of, traced_for_backward)
 
 aten = torch.ops.aten
-
-Operand = Union[fx.Node, int, float]
-"""A scale or shift: a graph value or a Python scalar baked into the graph."""
 
 USER_AFFINE_OPS = frozenset(str(op) for op in (
     aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.div.Tensor, aten.div_.Tensor,
@@ -190,81 +189,6 @@ def mutated_inputs(graph: fx.Graph, seen: InputMutations) -> set[fx.Node]:
     return mutated
 
 
-def reaches(node: Any, targets: set[fx.Node]) -> bool:
-    """Whether ``node`` is, views, or is computed from one of ``targets``. Computed values
-    count too: the partitioner may recompute them in backward from the mutated input."""
-    if not targets:
-        return False
-    stack, seen = [node] if isinstance(node, fx.Node) else [], set()
-    while stack:
-        n = stack.pop()
-        if n in targets:
-            return True
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return False
-
-
-def backward_region(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes that depend on a tangent: the backward half of a joint graph (empty in inference)."""
-    region: set[fx.Node] = set()
-    for node in graph.nodes:
-        if is_tangent(node) or any(a in region for a in node.all_input_nodes):
-            region.add(node)
-    return region
-
-
-def traced_for_backward(graph: fx.Graph, region: set[fx.Node]) -> set[fx.Node]:
-    """Every node a backward formula wrote, whether or not it reads a tangent (batch
-    norm's recomputed ``y - mean``, a custom autograd.Function reading a saved value):
-    AOTAutograd's ``partitioner_tag`` where it set one, and for untagged nodes, whatever
-    comes after the first node of ``region`` (AOTAutograd traces the whole forward first)."""
-    traced, started = set(), False
-    for node in graph.nodes:
-        started = started or (node in region and node.op != "placeholder")
-        tag = node.meta.get("partitioner_tag")
-        if node in region or tag == "is_backward" or (tag is None and started and node.op != "output"):
-            traced.add(node)
-    return traced
-
-
-def is_tangent(node: fx.Node) -> bool:
-    """A joint graph's gradient input, from what AOTAutograd says of it: its input
-    descriptor (``TangentAOTInput``), else the tag it gives what it traced for backward.
-    Only a graph with neither (an older torch) falls back to the placeholder's name."""
-    if node.op != "placeholder":
-        return False
-    desc = node.meta.get("desc")
-    if desc is not None and callable(getattr(desc, "is_tangent", None)):
-        return bool(desc.is_tangent())
-    tag = node.meta.get("partitioner_tag")
-    if tag is not None:
-        return tag == "is_backward"
-    return "tangents" in str(node.target)
-
-
-def other_operand(node: fx.Node, known: Any) -> Any:
-    """The operand of a binary op that is not ``known``."""
-    a, b = node.args[:2]
-    return b if a is known else a
-
-
-def shape_of(node: Any) -> tuple:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
-
-
-def known(expr: Any) -> bool:
-    # statically_known_true never installs a guard, so decisions add no recompiles.
-    return statically_known_true(expr)
-
-
-def same_shape(a: tuple, b: tuple) -> bool:
-    """Provably equal shapes, without installing a guard (also used by ``legality``)."""
-    return len(a) == len(b) and all(known(x == y) for x, y in zip(a, b))
-
-
 def attach_shift(site: Site) -> None:
     """Absorb a following ``add``/``sub`` of a per-channel shift, if it is the mul's only user.
 
@@ -309,13 +233,6 @@ def scaled_grad(node: Any, site: Site) -> fx.Node | None:
             return a
         if is_scale(a, site) and isinstance(b, fx.Node):
             return b
-    return None
-
-
-def only_user(node: fx.Node, target: Any = None) -> fx.Node | None:
-    users = list(node.users)
-    if len(users) == 1 and (target is None or users[0].target is target):
-        return users[0]
     return None
 
 

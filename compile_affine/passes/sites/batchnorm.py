@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .base import (USER_AFFINE_OPS, InputMutations, Operand, backward_region, mutated_inputs, only_user, reaches,
-                   same_shape, shape_of, traced_for_backward)
+from ..graph import Operand, backward_region, only_user, operand_problem, reaches, same_shape, shape_of, traced_for_backward
+from .base import USER_AFFINE_OPS, InputMutations, mutated_inputs
 from .linear import LinearSite, linear_site
 
 aten = torch.ops.aten
@@ -119,8 +119,6 @@ def invstd_key(node: Any) -> tuple | None:
 
 
 def _per_channel(operand: Any, y: fx.Node, what: str) -> str | None:
-    from ..legality import operand_problem  # legality imports this package
-
     if not isinstance(operand, fx.Node):
         return f"batch norm {what} is not a tensor"
     problem = operand_problem(operand, y.meta["val"], what)

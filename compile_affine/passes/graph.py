@@ -1,0 +1,166 @@
+"""Facts about FX nodes that recognition, legality and the rewrite all read: values,
+shapes, operands, aliasing and the joint graph's backward half. A leaf: it imports
+nothing from the package, so no import cycle can run through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+Operand = Union[fx.Node, int, float]
+"""A scale or shift: a graph value or a Python scalar baked into the graph."""
+
+CHANNEL_AXIS = 1  # aten.convolution output is (N, C, *spatial)
+
+VIEW_OPS = frozenset({
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.alias.default,
+    aten.permute.default, aten.transpose.int, aten.t.default, aten.as_strided.default,
+})  # fmt: skip
+"""The reshaping and re-striding views Inductor's decompositions leave in an ATen graph:
+same values, another shape. Each walk below picks the subset it may step through."""
+
+RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+PERMUTES = frozenset({aten.permute.default, aten.transpose.int, aten.t.default})
+
+
+def val(node: Any) -> torch.Tensor | None:
+    """The fake tensor a node computes, or None (a Python scalar, no metadata)."""
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def dtype(node: Any) -> torch.dtype | None:
+    v = val(node)
+    return v.dtype if v is not None else None
+
+
+def shape_of(node: Any) -> tuple:
+    v = val(node)
+    return tuple(v.shape) if v is not None else ()
+
+
+def known(expr: Any) -> bool:
+    # statically_known_true never installs a guard, so decisions add no recompiles.
+    return statically_known_true(expr)
+
+
+def same_shape(a: tuple, b: tuple) -> bool:
+    """Provably equal shapes, without installing a guard."""
+    return len(a) == len(b) and all(known(x == y) for x, y in zip(a, b))
+
+
+def other_operand(node: fx.Node, operand: Any) -> Any:
+    """The operand of a binary op that is not ``operand``."""
+    a, b = node.args[:2]
+    return b if a is operand else a
+
+
+def only_user(node: fx.Node, target: Any = None) -> fx.Node | None:
+    users = list(node.users)
+    if len(users) == 1 and (target is None or users[0].target is target):
+        return users[0]
+    return None
+
+
+def reaches(node: Any, targets: set[fx.Node]) -> bool:
+    """Whether ``node`` is, views, or is computed from one of ``targets``. Computed values
+    count too: the partitioner may recompute them in backward from a mutated input."""
+    if not targets:
+        return False
+    stack, seen = [node] if isinstance(node, fx.Node) else [], set()
+    while stack:
+        n = stack.pop()
+        if n in targets:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def fresh_result(node: fx.Node) -> bool:
+    """``node`` computes a new tensor from its inputs: it returns none of their storage
+    (no view, no in-place or out= op, not the graph's output), so what it reads may be
+    swapped for an equal value in another buffer without anything observing it."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    schema = target._schema
+    return not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
+
+
+def is_tangent(node: fx.Node) -> bool:
+    """A joint graph's gradient input, from what AOTAutograd says of it: its input
+    descriptor (``TangentAOTInput``), else the tag it gives what it traced for backward.
+    Only a graph with neither (an older torch) falls back to the placeholder's name."""
+    if node.op != "placeholder":
+        return False
+    desc = node.meta.get("desc")
+    if desc is not None and callable(getattr(desc, "is_tangent", None)):
+        return bool(desc.is_tangent())
+    tag = node.meta.get("partitioner_tag")
+    if tag is not None:
+        return tag == "is_backward"
+    return "tangents" in str(node.target)
+
+
+def backward_region(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes that depend on a tangent: the backward half of a joint graph (empty in inference)."""
+    region: set[fx.Node] = set()
+    for node in graph.nodes:
+        if is_tangent(node) or any(a in region for a in node.all_input_nodes):
+            region.add(node)
+    return region
+
+
+def traced_for_backward(graph: fx.Graph, region: set[fx.Node]) -> set[fx.Node]:
+    """Every node a backward formula wrote, whether or not it reads a tangent (batch
+    norm's recomputed ``y - mean``, a custom autograd.Function reading a saved value):
+    AOTAutograd's ``partitioner_tag`` where it set one, and for untagged nodes, whatever
+    comes after the first node of ``region`` (AOTAutograd traces the whole forward first)."""
+    traced, started = set(), False
+    for node in graph.nodes:
+        started = started or (node in region and node.op != "placeholder")
+        tag = node.meta.get("partitioner_tag")
+        if node in region or tag == "is_backward" or (tag is None and started and node.op != "output"):
+            traced.add(node)
+    return traced
+
+
+def operand_problem(operand: Operand, out: torch.Tensor, what: str, axis: int = CHANNEL_AXIS) -> str | None:
+    """Is ``operand`` one value per channel of ``out`` (its ``axis``), or one value overall?
+    The shape test recognition and legality share; its answer is a reason string."""
+    if isinstance(operand, bool) or not isinstance(operand, (int, float, fx.Node)):
+        return f"{what} is not a tensor or a real number"
+    if not isinstance(operand, fx.Node):
+        return None
+    v = val(operand)
+    if v is None:
+        return f"{what} has no tensor metadata"
+    if v.ndim > out.ndim:
+        return f"{what} has more dims than the conv output"
+    shape = (1,) * (out.ndim - v.ndim) + tuple(v.shape)
+    for dim, size in enumerate(shape):
+        if known(size == 1):
+            continue
+        if dim == axis:
+            if known(size == out.shape[axis]):
+                continue
+            return f"{what} size {size} does not match {out.shape[axis]} channels"
+        if dim == 0:
+            return f"{what} {VARIES_PER_SAMPLE}"
+        return f"{what} varies along {'spatial ' if axis == CHANNEL_AXIS else ''}dim {dim}, not the channel axis"
+    return None
+
+
+VARIES_PER_SAMPLE = "varies per sample"
+"""The tail of ``operand_problem``'s reason for an operand with a batch dim: such an
+operand (a residual stream, an SE gate, a drop-path mask) is not an affine layer."""
