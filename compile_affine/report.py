@@ -38,6 +38,11 @@ def _rank() -> int | None:
 class SiteRecord:
     location: str
     """The user's source line for the affine, from node meta, or the node name."""
+    module: str
+    """The module the affine belongs to (``layer1.0.bn1``)."""
+    producer_module: str
+    """The module of the conv or linear it follows (``layer1.0.conv1``). With ``module``
+    and ``location``: which layer it is, the same in every graph that compiles it."""
     producer: str
     """``conv2d``, ``conv_transpose1d``... the op the affine would fold into."""
     output_shape: tuple
@@ -93,6 +98,9 @@ class GraphRecord:
     """With ``cache_hit``: the sites are the ones recorded when the cache entry was made."""
     pass_s: float = 0.0
     """Seconds the pass itself took on this graph (part of the compile time)."""
+    not_affine: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Multiplies and adds on a conv or linear output that are no affine layer, by what
+    they are: per-sample gates or masks, residual adds, training-mode batch norms."""
 
     @property
     def folded(self) -> int:
@@ -124,6 +132,8 @@ class GraphRecord:
             if left:
                 parts.append(f"{sum(left.values())} left unfolded ({_counted(left)})")
             line += ": " + ", ".join(parts)
+        if self.not_affine:
+            line += "; " + not_affine_text(self.not_affine) + ": not affine layers"
         if self.epilogues:
             line += f"; fused {self.fused_epilogues} of {len(self.epilogues)} conv epilogues"
             left = Counter(e.reason for e in self.epilogues if not e.fused)
@@ -133,6 +143,22 @@ class GraphRecord:
 
 
 _KIND_NAMES = {"affine": "affine layer", "batch_norm": "eval-mode batch norm"}
+
+
+def _layer(s: SiteRecord) -> tuple[str, ...]:
+    return (s.module, s.producer_module, s.location, s.kind)
+
+
+def not_affine_text(counts: dict[str, int]) -> str:
+    """``22 residual adds, 5 per-sample gates or masks``."""
+    return ", ".join(f"{n} {_plural(what, n)}" for what, n in sorted(counts.items()))
+
+
+def _plural(what: str, n: int) -> str:
+    if n == 1:
+        return what
+    head, sep, tail = what.partition(" or ")  # gate or mask -> gates or masks
+    return f"{head}s{sep}{tail}s" if sep else f"{what}s"
 
 
 def _counted(reasons: Counter) -> str:
@@ -167,8 +193,32 @@ class Report:
     def fused_epilogues(self) -> int:
         return sum(e.fused for e in self.epilogues)
 
-    def reasons(self) -> Counter:
-        return Counter(s.reason for s in self.sites if not s.folded)
+    def layers(self) -> dict[tuple[str, ...], list[SiteRecord]]:
+        """Each affine layer the user wrote, once however many graphs compiled it (a
+        recompile, a training and an eval graph), with its record in each."""
+        layers: dict[tuple[str, ...], list[SiteRecord]] = {}
+        for s in self.sites:
+            layers.setdefault(_layer(s), []).append(s)
+        return layers
+
+    def summary(self) -> str:
+        """``4 affine layers: 4 folded, across 3 graphs (2 compile layers compiled before)``."""
+        layers = self.layers()
+        folded = sum(all(s.folded for s in records) for records in layers.values())
+        some = sum(any(s.folded for s in records) for records in layers.values()) - folded
+        seen: set = set()
+        repeats = 0
+        for g in self.graphs:
+            keys = {_layer(s) for s in g.sites}
+            repeats += bool(keys) and keys <= seen
+            seen |= keys
+        text = f"{len(layers)} affine layer{'s' if len(layers) != 1 else ''}: {folded} folded"
+        if some:
+            text += f", {some} folded in some graphs only"
+        text += f", {len(layers) - folded - some} not folded, across {len(self.graphs)} graph{'s' if len(self.graphs) != 1 else ''}"
+        if repeats:
+            text += f" ({repeats} of them compile{'s' if repeats == 1 else ''} layers compiled before: recompiles or another mode)"
+        return text
 
     def __iter__(self) -> Iterator[SiteRecord]:
         return iter(self.sites)
@@ -198,6 +248,7 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         epilogues = f", {self.fused_epilogues} of {len(self.epilogues)} epilogues fused" if self.epilogues else ""
         lines.append(f"{self.folded} folded, {self.skipped} skipped{epilogues}, {len(self.graphs)} graphs")
+        lines.append(self.summary())
         lines += [g.summary() for g in self.graphs if g.fell_back or (g.cache_hit and not g.restored)]
         return "\n".join(lines)
 

@@ -26,6 +26,9 @@ _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
 _SOURCES = tuple(sorted(str(p) for p in (*_PACKAGE.glob("passes/**/*.py"), _PACKAGE / "settings.py", _PACKAGE / "ops.py")))
 
 
+TRAINING_BATCH_NORM = "training-mode batch norm"
+
+
 class AffineFoldError(RuntimeError):
     """The pass itself failed (a bug on our side). The backend falls back on it."""
 
@@ -75,9 +78,18 @@ def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = Inpu
         # A shift judged with its multiply (and left as an add) is not a new site later.
         judged.update(n for site in found for n in (site.mul, site.shift_node) if n is not None)
         # GELU's ``y * 0.5`` on a linear output is not an affine layer: never folded
-        # (its output is always reused), never listed, only counted.
+        # (its output is always reused), never listed, only counted. Nor are gates,
+        # masks and residual adds: counted in the user's words.
         internal.update(site.decomposed_from for site in found if site.decomposed_from)
-        new_sites = [site for site in found if not site.decomposed_from]
+        new_sites = []
+        for site in found:
+            if site.decomposed_from:
+                continue
+            if what := site.not_an_affine_layer():
+                record.not_affine[what] = record.not_affine.get(what, 0) + 1
+                log.debug("%s %s: not an affine layer", what, _location(site.mul))
+                continue
+            new_sites.append(site)
         records = [_decide_and_fold(gm.graph, site, settings) for site in new_sites]
         record.sites += records
         if not any(r.folded for r in records):
@@ -111,7 +123,7 @@ def _normalise_batch_norms(gm: fx.GraphModule, settings: Settings, mutations: In
     not are recorded here, and their ``sub(y, rm)`` is not judged again as a bare shift."""
     normalised = False
     for bn in find_batch_norms(gm, mutations):
-        reason = bn.problem or ("fold='never'" if settings.fold == "never" else None)
+        reason = legality.batch_norm_problem(bn) or ("fold='never'" if settings.fold == "never" else None)
         if reason is None:
             rewrite.normalise_batch_norm(gm.graph, bn)
             normalised = True
@@ -119,13 +131,18 @@ def _normalise_batch_norms(gm: fx.GraphModule, settings: Settings, mutations: In
         for sub in (bn.sub, *bn.backward_subs):
             sub.meta[rewrite.JUDGED] = True
         log.debug("batch norm %s: %s", _location(bn.norm), reason)
+        if reason == legality.TRAINING_MODE_BATCH_NORM:
+            # Normalised by its batch's statistics: no fixed affine to fold, so not a site.
+            record.not_affine[TRAINING_BATCH_NORM] = record.not_affine.get(TRAINING_BATCH_NORM, 0) + 1
+            continue
         record.sites.append(report.SiteRecord(**_batch_norm_facts(bn), folded=False, reason=reason))
     return normalised
 
 
 def _batch_norm_facts(bn: BatchNorm) -> dict:
     weight = bn.linear.weight if bn.linear is not None else bn.y.args[1]
-    return dict(location=_location(bn.norm), producer=bn.producer, output_shape=_shape(bn.y),
+    return dict(location=_location(bn.norm), module=_module(bn.norm),
+                producer_module=_module(bn.linear.mm if bn.linear is not None else bn.y), producer=bn.producer, output_shape=_shape(bn.y),
                 weight_shape=_shape(weight), scale_shape=(bn.channels,), kind="batch_norm")
 
 
@@ -154,6 +171,8 @@ def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.
 def _facts(site: Site) -> dict:
     return dict(
         location=_location(site.mul),
+        module=_module(site.mul),
+        producer_module=_module(getattr(site, "mm", None) or site.y),
         kind=site.kind,
         producer=site.producer,
         output_shape=_shape(site.y),
@@ -178,3 +197,10 @@ def _location(node: fx.Node) -> str:
         return node.name
     path, line, func = frames[-1]
     return f"{pathlib.Path(path).name}:{line} in {func}"
+
+
+def _module(node: fx.Node) -> str:
+    """The user's module the affine belongs to (``layer1.0.bn1``): with ``location``, which
+    layer it is, the same in every graph that compiles it (a recompile, an eval graph)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""

@@ -18,7 +18,8 @@ import torch.fx as fx
 from .._compat import SCATTER_FILL_MISORDERED
 from .graph import CHANNEL_AXIS, operand_problem, reaches, same_shape
 from .graph import val as _val
-from .sites import LinearSite, Site
+from .sites import BatchNorm, LinearSite, Site
+from .sites.batchnorm import per_channel_problem
 
 aten = torch.ops.aten
 
@@ -155,3 +156,27 @@ def shift_problem(site: Site) -> str | None:
     if problem is None and site.shift_only and tail.dtype != out.dtype:
         problem = "shift promotes the result dtype"  # the bias would have to be wider than the conv
     return problem
+
+
+TRAINING_MODE_BATCH_NORM = "batch norm uses batch statistics (training mode)"
+
+
+def batch_norm_problem(bn: BatchNorm) -> str | None:
+    """Whether an eval-mode batch norm may become a generic affine site (``rewrite.batchnorm``)."""
+    produced = {bn.y, *(bn.linear.produced if bn.linear else ())}
+    if reaches(bn.running_mean, produced) or reaches(bn.invstd, produced):
+        return TRAINING_MODE_BATCH_NORM
+    for what, operand in (("running mean", bn.running_mean), ("invstd", bn.invstd)):
+        problem = per_channel_problem(operand, bn.y, what)
+        if problem:
+            return problem
+    y_val, out = _val(bn.y), _val(bn.tail)
+    if out is None or out.dtype != y_val.dtype or _val(bn.sub).dtype != y_val.dtype:
+        return "batch norm computes in a wider dtype than its producer"
+    if not same_shape(tuple(out.shape), tuple(y_val.shape)):
+        return "batch norm would change the result shape"
+    if any(reaches(operand, bn.mutated) for operand in (bn.running_mean, bn.invstd, bn.weight)):
+        return "graph mutates the batch norm's running statistics or weight"
+    if bn.other_readers:
+        return f"{'linear' if bn.linear else 'conv'} output reused"
+    return None

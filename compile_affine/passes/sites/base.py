@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..graph import (Operand, backward_region, is_tangent, known, only_user, other_operand, reaches, same_shape,
-                     shape_of, traced_for_backward)
+from ..graph import (VARIES_PER_SAMPLE, Operand, backward_region, is_tangent, known, only_user, operand_problem,
+                     other_operand, reaches, same_shape, shape_of, traced_for_backward)
 
 aten = torch.ops.aten
 
@@ -23,6 +23,11 @@ USER_AFFINE_OPS = frozenset(str(op) for op in (
 """The ops a user writes as an affine, by name (the meta can hold an equal but distinct
 overload object). A node whose ``original_aten`` meta (the op it was decomposed from) is
 another op is arithmetic inside that op, not a layer the user wrote."""
+
+
+PER_SAMPLE_GATE = "per-sample gate or mask"
+RESIDUAL_ADD = "residual add"
+"""What ``Site.not_an_affine_layer`` calls the anchors that are no affine layer."""
 
 
 @dataclasses.dataclass
@@ -117,6 +122,16 @@ class Site:
         if origin is None or str(origin) in USER_AFFINE_OPS:
             return None
         return str(getattr(origin, "_overloadpacket", origin))
+
+    def not_an_affine_layer(self) -> str | None:
+        """What the anchor is, when it is not an affine layer at all, in the report's words.
+        An operand that varies per sample (an SE gate, a drop-path mask, another
+        activation) makes a gate, not a layer with one learned value per channel."""
+        operand = self.shift if self.shift_only else self.scale
+        if isinstance(operand, fx.Node) and (problem := operand_problem(operand, self.y.meta["val"], "", self.axis)):
+            if problem.endswith(VARIES_PER_SAMPLE):
+                return PER_SAMPLE_GATE
+        return None
 
     @property
     def shift_only(self) -> bool:

@@ -8,7 +8,7 @@ and feeds ``g * (invstd * w)``, computed again from the buffers, to the producer
 backward. That second reader of ``y`` hides the affine from the generic recognition.
 
 This module only finds such chains and judges whether they may be normalised
-(``BatchNorm.problem``); ``rewrite.batchnorm.normalise`` then turns each into the
+(``legality.batch_norm_problem``); ``rewrite.batchnorm.normalise`` then turns each into the
 generic form ``conv(x, W, b_conv - rm) * k [+ b]`` with ``k = invstd * w``, with the
 backward written as autograd writes it for that form, so that the generic conv and
 linear folds (and every legality rule and the cost model) apply unchanged.
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..graph import Operand, backward_region, only_user, operand_problem, reaches, same_shape, shape_of, traced_for_backward
+from ..graph import VIEW_OPS, Operand, backward_region, only_user, operand_problem, reaches, same_shape, shape_of, traced_for_backward
 from .base import USER_AFFINE_OPS, InputMutations, mutated_inputs
 from .linear import LinearSite, linear_site
 
@@ -60,7 +60,8 @@ class BatchNorm:
     backward_scales: list[tuple[fx.Node, int]] = dataclasses.field(default_factory=list)
     """``(mul, index)``: ``mul.args[index]`` is the backward's own ``invstd * w`` per channel."""
     other_readers: list[fx.Node] = dataclasses.field(default_factory=list)
-    problem: str | None = None
+    mutated: set[fx.Node] = dataclasses.field(default_factory=set)
+    """The graph's inputs it mutates (``legality.batch_norm_problem`` reads it)."""
 
     @property
     def producer(self) -> str:
@@ -118,7 +119,7 @@ def invstd_key(node: Any) -> tuple | None:
     return strip(rv), float(eps)
 
 
-def _per_channel(operand: Any, y: fx.Node, what: str) -> str | None:
+def per_channel_problem(operand: Any, y: fx.Node, what: str) -> str | None:
     if not isinstance(operand, fx.Node):
         return f"batch norm {what} is not a tensor"
     problem = operand_problem(operand, y.meta["val"], what)
@@ -163,7 +164,9 @@ def find_batch_norms(gm: fx.GraphModule, seen: InputMutations = InputMutations()
         bn = BatchNorm(y=y, sub=sub, norm=norm, running_mean=rm, invstd=inv, invstd_key=key, linear=linear)
         _attach_weight(bn)
         _attach_backward_subs(bn, traced)
-        bn.problem = _problem(bn, backward, mutated)
+        bn.mutated = mutated
+        if not bn.other_readers:
+            bn.backward_scales = _backward_scales(bn, backward)
         found.append(bn)
     return found
 
@@ -176,7 +179,7 @@ def _attach_weight(bn: BatchNorm) -> None:
         return
     w = mul.args[1] if mul.args[0] is bn.norm else mul.args[0]
     produced = {bn.y, *(bn.linear.produced if bn.linear else ())}
-    if isinstance(w, fx.Node) and _per_channel(w, bn.y, "weight") is None and not reaches(w, produced):
+    if isinstance(w, fx.Node) and per_channel_problem(w, bn.y, "weight") is None and not reaches(w, produced):
         bn.weight_mul, bn.weight = mul, w
 
 
@@ -198,32 +201,11 @@ def _attach_backward_subs(bn: BatchNorm, traced: set[fx.Node]) -> None:
             continue
         if (user in traced and user.target is aten.sub.Tensor and user.args[0] is bn.y and user.kwargs.get("alpha", 1) == 1
                 and isinstance(user.args[1], fx.Node) and strip(user.args[1]) is rm_base
-                and _per_channel(user.args[1], bn.y, "running mean") is None
+                and per_channel_problem(user.args[1], bn.y, "running mean") is None
                 and same_shape(shape_of(user), shape_of(bn.y)) and _dtype(user) == y_val.dtype):  # fmt: skip
             bn.backward_subs.append(user)
         else:
             bn.other_readers.append(user)
-
-
-def _problem(bn: BatchNorm, backward: set[fx.Node], mutated: set[fx.Node]) -> str | None:
-    produced = {bn.y, *(bn.linear.produced if bn.linear else ())}
-    if reaches(bn.running_mean, produced) or reaches(bn.invstd, produced):
-        return "batch norm uses batch statistics (training mode)"
-    for what, operand in (("running mean", bn.running_mean), ("invstd", bn.invstd)):
-        problem = _per_channel(operand, bn.y, what)
-        if problem:
-            return problem
-    y_val, out = bn.y.meta["val"], bn.tail.meta.get("val")
-    if out is None or out.dtype != y_val.dtype or bn.sub.meta["val"].dtype != y_val.dtype:
-        return "batch norm computes in a wider dtype than its producer"
-    if not same_shape(tuple(out.shape), tuple(y_val.shape)):
-        return "batch norm would change the result shape"
-    if reaches(bn.running_mean, mutated) or reaches(bn.invstd, mutated) or reaches(bn.weight, mutated):
-        return "graph mutates the batch norm's running statistics or weight"
-    if bn.other_readers:
-        return f"{'linear' if bn.linear else 'conv'} output reused"
-    bn.backward_scales = _backward_scales(bn, backward)
-    return None
 
 
 def _same_scale(node: Any, bn: BatchNorm) -> bool:
@@ -246,6 +228,34 @@ def _feeds_conv_backward(node: fx.Node, conv: fx.Node) -> bool:
                for r in readers)  # fmt: skip
 
 
+def _base(node: Any) -> Any:
+    """``node`` through views, permutes and same-dtype casts: the stored tensor it reads."""
+    while isinstance(node, fx.Node) and (node.target in VIEW_OPS or node.target is aten.clone.default or (
+            node.target is prims.convert_element_type.default and _dtype(node) == _dtype(node.args[0]))):  # fmt: skip
+        node = node.args[0]
+    return node
+
+
+def _feeds_linear_backward(node: fx.Node, linear: LinearSite) -> bool:
+    """``node`` (through views) is the gradient a matmul of ``linear``'s own backward
+    reads: the weight gradient's (with the linear's input) or the input gradient's
+    (with its weight)."""
+    inputs, weight = _base(linear.mm.args[-2]), _base(linear.weight)
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.target in (aten.mm.default, aten.bmm.default):
+                if any(_base(a) in (inputs, weight) for a in user.args if a is not n):
+                    return True
+            elif _base(user) is not user:  # a view or cast of the gradient
+                stack.append(user)
+    return False
+
+
 def _backward_scales(bn: BatchNorm, backward: set[fx.Node]) -> list[tuple[fx.Node, int]]:
     """The backward's ``g * (invstd * w)``: it feeds the producer's backward, and is
     recognised there only if it multiplies by the forward's scale node itself."""
@@ -253,12 +263,12 @@ def _backward_scales(bn: BatchNorm, backward: set[fx.Node]) -> list[tuple[fx.Nod
     for node in backward:
         if node.target is not aten.mul.Tensor or not same_shape(shape_of(node), shape_of(bn.y)):
             continue
-        if bn.linear is None and not _feeds_conv_backward(node, bn.y):
-            continue  # the same batch norm module after another conv (a Siamese net)
+        if not (_feeds_conv_backward(node, bn.y) if bn.linear is None else _feeds_linear_backward(node, bn.linear)):
+            continue  # the same batch norm module after another producer (a Siamese net)
         for i in (0, 1):
             operand = node.args[i]
             if (isinstance(operand, fx.Node) and len(shape_of(operand)) == len(shape_of(bn.y))
-                    and _per_channel(operand, bn.y, "scale") is None and _same_scale(operand, bn)):  # fmt: skip
+                    and per_channel_problem(operand, bn.y, "scale") is None and _same_scale(operand, bn)):  # fmt: skip
                 found.append((node, i))
                 break
     return found

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .base import Operand, Site, known, same_shape, scaled_grad, shape_of, is_scale
+from .base import RESIDUAL_ADD, Operand, Site, is_scale, known, same_shape, scaled_grad, shape_of
 
 aten = torch.ops.aten
 
@@ -76,6 +76,15 @@ class LinearSite(Site):
 
     def computes_weight_grad(self) -> bool:
         return bool(self.grad_weight_mms)
+
+    def not_an_affine_layer(self) -> str | None:
+        """An add of a full-sized value between the linear and the scale is a residual
+        add (``x + mlp(x)``), not the linear's bias: what follows scales the residual
+        stream (MetaFormer's ``res_scale``), not this linear's output."""
+        for host, index, _ in self.biases:
+            if host.target is aten.add.Tensor and same_shape(shape_of(host.args[index]), shape_of(host)):
+                return RESIDUAL_ADD
+        return super().not_an_affine_layer()
 
     def weight_grad_axis(self, node: fx.Node) -> int:
         """The feature axis of one of ``grad_weight_mms``."""
