@@ -193,3 +193,23 @@ def test_fuzz_outputs_alias_as_in_eager(plan):
     assert alias_pattern(compiled, x) == alias_pattern(eager, x)
     for c, e in zip(compiled, eager, strict=True):
         torch.testing.assert_close(c, e)
+
+
+def test_the_pass_uuid_hashes_every_module_the_pass_imports():
+    """A source that shapes the rewrite but is missing from the uuid lets the FX graph
+    cache serve a graph an older pass emitted. Every package module loaded by importing
+    the pass (``_compat`` among them) must be hashed."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import json, sys; import compile_affine.passes.fold as f; "
+            "print(json.dumps([m.__file__ for n, m in sys.modules.items() if n.startswith('compile_affine')]))")  # fmt: skip
+    root = str(pathlib.Path(compile_affine.__file__).parent.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    loaded = {str(pathlib.Path(p).resolve()) for p in json.loads(out.stdout.strip().splitlines()[-1])}
+    from compile_affine.passes.fold import _SOURCES
+
+    assert any(p.endswith("compile_affine/_compat.py") for p in loaded)
+    assert loaded <= set(_SOURCES), sorted(loaded - set(_SOURCES))
