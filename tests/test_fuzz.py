@@ -132,6 +132,13 @@ def _operand(kind, out_shape, requires_grad, module):
     return p
 
 
+def is_gate(cfg) -> bool:
+    """The operand that makes the anchor varies per sample (the batch is 2)."""
+    if cfg["op"] == "shift_only" and cfg["shift"] != "none":
+        return cfg["shift"] == "per_sample"
+    return cfg["scale"] == "per_sample"
+
+
 def expected_fold(cfg, out_shape) -> bool:
     if cfg["op"] == "shift_only" and cfg["shift"] != "none":
         return cfg["shift"] != "per_sample" and not cfg["extra_user"]
@@ -184,12 +191,16 @@ def _check(cfg, device):
         out_c = compiled(x)
         out_e = model(x)
     assert_close_rel(out_c, out_e, 1e-10, "forward")
-    site, *chained = compile_affine.report().graphs[0].sites
-    assert site.folded == expected_fold(c, out_shape), (site.reason, c)
-    # A chained "* s2" becomes a site once the first fold made its input a conv.
-    # (only if the shift joined the first fold: a per-sample shift stays as an add).
-    chain_site = site.folded and c["chain"] != "none" and c["shift"] != "per_sample"
-    assert [s.folded for s in chained] == ([True] if chain_site else []), c
+    graph = compile_affine.report().graphs[0]
+    if is_gate(c):  # not an affine layer: counted, not a site
+        assert graph.sites == [] and graph.not_affine == {"per-sample gate or mask": 1}, c
+    else:
+        site, *chained = graph.sites
+        assert site.folded == expected_fold(c, out_shape), (site.reason, c)
+        # A chained "* s2" becomes a site once the first fold made its input a conv.
+        # (only if the shift joined the first fold: a per-sample shift stays as an add).
+        chain_site = site.folded and c["chain"] != "none" and c["shift"] != "per_sample"
+        assert [s.folded for s in chained] == ([True] if chain_site else []), c
     if c["inference"] or not out_e.requires_grad:
         return
     compare_gradients(out_c, out_e, [t for t in (x, *model.parameters()) if t.requires_grad], 1e-8)
@@ -334,8 +345,14 @@ def test_fuzz_linear_against_eager(device, cfg):
         assert_close_rel(out_c, out_e, 1e-10, "forward")
         if not c["inference"] and out_e.requires_grad:
             compare_gradients(out_c, out_e, [t for t in (x, *model.parameters()) if t.requires_grad], 1e-8)
-        sites = compile_affine.report().graphs[0].sites
-        first = next(s for s in sites if s.producer == "linear")
+        graph = compile_affine.report().graphs[0]
+        linear_sites = [s for s in graph.sites if s.producer == "linear"]
+        # A scale over the first dim (per sample, or the tokens of a 2-d input) is a gate:
+        # counted, not a site.
+        if c["scale"] in ("per_sample", "token") and not linear_sites:
+            assert graph.not_affine == {"per-sample gate or mask": 1} and not expected_linear_fold(c, x.shape), c
+            return
+        first = linear_sites[0]
         assert first.folded == expected_linear_fold(c, x.shape), (first.reason, c)
 
 

@@ -20,11 +20,8 @@ def only_site():
 
 CASES = {
     "extra user": (WithExtraUser, "conv output reused"),
-    "squeeze-excite": (SqueezeExcite, "conv output reused"),
-    "per-sample scale": (PerSampleScale, "scale varies per sample"),
     "spatial scale": (lambda: WithScale(torch.rand(1, 1, 8, 8)), "scale varies along spatial dim 2"),
     "(W,) scale with W == C": (lambda: WithScale(torch.rand(8)), "scale varies along spatial dim 3"),
-    "per-sample (N,C,1,1) parameter": (lambda: WithScale(torch.rand(2, 8, 1, 1)), "scale varies per sample"),
     "scale adds a leading dim": (lambda: WithScale(torch.rand(3, 1, 8, 1, 1)), "scale has more dims than the conv output"),
     "promotes to float64": (lambda: WithScale(torch.rand(1, 8, 1, 1, dtype=torch.float64)), "fold would change result dtype"),
 }
@@ -39,6 +36,22 @@ def test_illegal_site_is_left_alone(case):
     site = only_site()
     assert not site.folded
     assert site.reason.startswith(reason), site.reason
+
+
+GATES = {
+    "squeeze-excite": SqueezeExcite,
+    "per-sample scale": PerSampleScale,
+    "per-sample (N,C,1,1) parameter": lambda: WithScale(torch.rand(2, 8, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", GATES)
+def test_a_scale_varying_per_sample_is_a_gate_not_a_site(case):
+    """Not an affine layer (one value per channel): counted as a gate, left alone, not listed."""
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    assert check_against_eager(GATES[case](), x, pass_backend(ALWAYS), out_tol=1e-6, grad_tol=1e-6) == 0
+    graph = compile_affine.report().graphs[0]  # the SGD steps' detached input compiles a second
+    assert graph.sites == [] and graph.not_affine == {"per-sample gate or mask": 1}
 
 
 def test_illegal_shift_keeps_the_add_but_folds_the_multiply():

@@ -73,7 +73,6 @@ def test_inference_folds_too(device):
 
 NOT_FOLDED = {
     "scale over tokens, not features": (lambda m, x: m.fc(x) * m.tokens, "scale varies along dim 1"),
-    "per-sample scale": (lambda m, x: m.fc(x) * m.per_sample, "scale varies per sample"),
     "view splits the features": (
         lambda m, x: m.fc(x).view(2, 5, 2, 3) * m.gamma.view(2, 3),
         "aten.view.default between the linear and the scale splits the feature axis",
@@ -101,6 +100,14 @@ def test_illegal_linear_site_is_left_alone(case):
     sites = compile_affine.report().graphs[0].sites
     assert sites and not any(s.folded for s in sites)
     assert any(s.reason.startswith(reason) for s in sites), [s.reason for s in sites]
+
+
+def test_a_per_sample_scale_on_a_linear_is_a_gate_not_a_site():
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    model = Negative(lambda m, x: m.fc(x) * m.per_sample)
+    assert check_against_eager(model, x, pass_backend(ALWAYS), out_tol=1e-6, grad_tol=1e-6) == 0
+    graph = compile_affine.report().graphs[0]
+    assert graph.sites == [] and graph.not_affine == {"per-sample gate or mask": 1}
 
 
 class TimmLayerScale(nn.Module):

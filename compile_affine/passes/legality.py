@@ -18,7 +18,7 @@ import torch.fx as fx
 from .._compat import SCATTER_FILL_MISORDERED
 from .graph import CHANNEL_AXIS, operand_problem, reaches, same_shape
 from .graph import val as _val
-from .sites import BatchNorm, LinearSite, Site
+from .sites import BatchNorm, Finding, LinearSite, Site
 from .sites.batchnorm import per_channel_problem
 
 aten = torch.ops.aten
@@ -34,13 +34,36 @@ def has_metadata(site: Site) -> str | None:
     return None
 
 
+WORDING = {
+    Finding.EFFECTFUL_GRAPH: "graph has effectful ops: Inductor frees inputs the folded graph still needs",
+    Finding.BIAS_BROADCASTS: "bias add broadcasts the linear's output",
+    Finding.SPLITS_FEATURE_AXIS: "{} between the linear and the scale splits the feature axis",
+    Finding.SHARED_BACKWARD: "another site claims the same backward nodes",
+    Finding.SCALE_GRAD_NOT_A_SUM: "scale gradient is not a plain reduction of grad * output",
+    Finding.NO_WEIGHT_GRAD: "scale gradient needs the weight gradient, which the model does not compute",
+    Finding.TWIN_CONV: "another conv with the same input and weight: its backward is indistinguishable",
+    Finding.SEVERAL_CONV_BACKWARDS: "several convolution_backward nodes could belong to this conv",
+    Finding.CONV_BACKWARD_OTHER_USE: "convolution_backward result used other than by index",
+    Finding.TWIN_LINEAR: "another linear reads the same input or weight: its backward is indistinguishable",
+    Finding.SEVERAL_LINEAR_GRADS: "several gradients could belong to this linear",
+    Finding.GRAD_REDUCED_OVER_FEATURES: "gradient reduced over the feature axis",
+    Finding.GRAD_SPLITS_FEATURE_AXIS: "gradient {} splits the feature axis",
+    Finding.GRAD_USED_ELSEWHERE: "gradient used by {}",
+}
+"""The reason each recognition finding gives the report."""
+
+
+def _worded(noted) -> str | None:
+    return WORDING[noted[0]].format(noted[1]) if noted else None
+
+
 def graph_supported(site: Site) -> str | None:
-    return site.graph_problem
+    return _worded(site.graph_finding)
 
 
 def producer_reaches_scale(site: Site) -> str | None:
     """A linear's output must reach the scale through views that keep the feature axis whole."""
-    return site.producer_problem
+    return _worded(site.producer_finding)
 
 
 def output_not_reused(site: Site) -> str | None:
@@ -53,7 +76,7 @@ def backward_recognised(site: Site) -> str | None:
     if site.backward_readers:
         ops = ", ".join(sorted({str(n.target) for n in site.backward_readers}))
         return f"backward form not recognised ({ops} reads the {site.producer} output)"
-    return site.backward_problem
+    return _worded(site.backward_finding)
 
 
 def inputs_not_mutated(site: Site) -> str | None:

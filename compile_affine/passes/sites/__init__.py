@@ -3,7 +3,8 @@ views and permutes) feeding ``mul(., s)`` / ``div(., s)`` [-> ``add``/``sub(., t
 ``addcmul(t, ., s)``, and, in a joint graph, the backward nodes autograd derived from them.
 
 One module per producer (``conv``, ``linear``) on the shared facts in ``base``.
-Recognition only collects facts; it never mutates the graph and never decides.
+Recognition only collects facts (a ``Finding`` where the algebra does not cover what it saw);
+it never mutates the graph and never decides.
 ``legality`` decides from the facts, ``rewrite`` acts on them.
 """
 
@@ -16,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
 
-from .base import (InputMutations, Operand, Site, attach_scale_grad, attach_shift, backward_region,
+from .base import (Finding, InputMutations, Operand, Site, attach_scale_grad, attach_shift, backward_region,
                    mutated_inputs, reaches, same_shape, shape_of, traced_for_backward)
 from .conv import CONV_ARG_NAMES, ConvSite, attach_conv_backward
 from .batchnorm import KIND, BatchNorm, find_batch_norms
@@ -72,7 +73,7 @@ def find_sites(gm: fx.GraphModule, seen_mutations: InputMutations = InputMutatio
         # An operand may be a view of, or computed from, a mutated input (``b[:]``, ``b * 2``).
         site.mutated_operands = [k for k, v in site.operands().items() if reaches(v, mutated)]
         if effectful:
-            site.graph_problem = "graph has effectful ops: Inductor frees inputs the folded graph still needs"
+            site.graph_finding = (Finding.EFFECTFUL_GRAPH, "")
         sites.append(site)
     # ``y / s`` has a twin ``div(y, s)`` computed for its scale's gradient, and a linear's
     # bias add lies inside the views to its scale: parts of a site, not sites.
@@ -85,7 +86,7 @@ def find_sites(gm: fx.GraphModule, seen_mutations: InputMutations = InputMutatio
             owners.setdefault(node, []).append(site)
     for shared in (group for group in owners.values() if len(group) > 1):
         for site in shared:
-            site.backward_problem = site.backward_problem or "another site claims the same backward nodes"
+            site.backward_finding = site.backward_finding or (Finding.SHARED_BACKWARD, "")
     return sites
 
 
@@ -131,11 +132,11 @@ def _build_site(anchor: fx.Node, backward: set[fx.Node], traced: set[fx.Node]) -
         attach_scale_grad(site, backward, traced)
         if isinstance(site, ConvSite):
             attach_conv_backward(site, backward)
-        elif site.producer_problem is None:
+        elif site.producer_finding is None:
             attach_linear_backward(site, backward)
         return site
     return None
 
 
-__all__ = ["BatchNorm", "CONV_ARG_NAMES", "ConvSite", "find_batch_norms", "InputMutations", "LinearSite", "Operand", "Site", "backward_region",
+__all__ = ["BatchNorm", "CONV_ARG_NAMES", "ConvSite", "Finding", "find_batch_norms", "InputMutations", "LinearSite", "Operand", "Site", "backward_region",
            "find_sites", "mutated_inputs", "reaches", "same_shape"]

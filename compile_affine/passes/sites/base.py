@@ -6,6 +6,7 @@ mutated inputs and the backward region.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 import torch
@@ -23,6 +24,30 @@ USER_AFFINE_OPS = frozenset(str(op) for op in (
 """The ops a user writes as an affine, by name (the meta can hold an equal but distinct
 overload object). A node whose ``original_aten`` meta (the op it was decomposed from) is
 another op is arithmetic inside that op, not a layer the user wrote."""
+
+
+class Finding(enum.Enum):
+    """Something recognition saw that the fold's algebra does not cover. Recognition only
+    notes it on the site (with a detail, e.g. the op); ``legality`` decides from it and
+    words the reason (``legality.WORDING``)."""
+
+    EFFECTFUL_GRAPH = enum.auto()
+    BIAS_BROADCASTS = enum.auto()
+    SPLITS_FEATURE_AXIS = enum.auto()
+    SHARED_BACKWARD = enum.auto()
+    SCALE_GRAD_NOT_A_SUM = enum.auto()
+    NO_WEIGHT_GRAD = enum.auto()
+    TWIN_CONV = enum.auto()
+    SEVERAL_CONV_BACKWARDS = enum.auto()
+    CONV_BACKWARD_OTHER_USE = enum.auto()
+    TWIN_LINEAR = enum.auto()
+    SEVERAL_LINEAR_GRADS = enum.auto()
+    GRAD_REDUCED_OVER_FEATURES = enum.auto()
+    GRAD_SPLITS_FEATURE_AXIS = enum.auto()
+    GRAD_USED_ELSEWHERE = enum.auto()
+
+
+Noted = tuple  # (Finding, detail: str)
 
 
 PER_SAMPLE_GATE = "per-sample gate or mask"
@@ -63,13 +88,13 @@ class Site:
     backward_readers: list[fx.Node] = dataclasses.field(default_factory=list)
     """Backward nodes reading the producer's output in a form the walk does not know (a
     torch upgrade that changed a decomposition, a custom autograd.Function)."""
-    backward_problem: str | None = None
+    backward_finding: Noted | None = None
     """Set when backward nodes exist but do not have the shape autograd gives them."""
     mutated_operands: list[str] = dataclasses.field(default_factory=list)
     """Operands that are, view, or are computed from inputs the graph mutates (training)."""
-    graph_problem: str | None = None
+    graph_finding: Noted | None = None
     """Set when something about the whole graph rules folding out."""
-    producer_problem: str | None = None
+    producer_finding: Noted | None = None
     """Set when the producer's output reaches the affine in a way the fold cannot map."""
     kind: str = "affine"
     """What the user wrote: ``"affine"``, or ``"batch_norm"`` for a normalised eval-mode batch norm."""
@@ -296,4 +321,4 @@ def attach_scale_grad(site: Site, backward: set[fx.Node], traced: set[fx.Node]) 
         if total is not None and total.target in (aten.sum.dim_IntList, aten.sum.default):
             site.grad_scale_sum = total
         else:
-            site.backward_problem = "scale gradient is not a plain reduction of grad * output"
+            site.backward_finding = (Finding.SCALE_GRAD_NOT_A_SUM, "")

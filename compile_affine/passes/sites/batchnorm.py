@@ -136,7 +136,7 @@ def _producer(y: Any) -> tuple[bool, LinearSite | None]:
     if y.target is aten.convolution.default:
         return True, None
     site = linear_site(y, y, 1, {})  # a probe: only the producer's facts are read
-    if site is None or site.producer_problem or site.other_users or site.axis != 1:
+    if site is None or site.producer_finding or site.other_users or site.axis != 1:
         return False, None
     return True, site
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .base import Site, scaled_grad
+from .base import Finding, Site, scaled_grad
 
 aten = torch.ops.aten
 
@@ -84,10 +84,10 @@ def attach_conv_backward(site: ConvSite, backward: set[fx.Node]) -> None:
     if not found:
         return
     if site.grad is None and twins:
-        site.backward_problem = "another conv with the same input and weight: its backward is indistinguishable"
+        site.backward_finding = (Finding.TWIN_CONV, "")
         return
     if len(found) > 1:
-        site.backward_problem = "several convolution_backward nodes could belong to this conv"
+        site.backward_finding = (Finding.SEVERAL_CONV_BACKWARDS, "")
         return
     cb = found[0]
     # ``grad_in`` may have other readers (in a chain, the previous shift's gradient sums
@@ -98,4 +98,4 @@ def attach_conv_backward(site: ConvSite, backward: set[fx.Node]) -> None:
     site.conv_backward, site.grad_conv_input = cb, grad_in
     site.grad_cast = cb.args[0] if cb.args[0] is not grad_in else None
     if any(u.target is not operator.getitem for u in cb.users):
-        site.backward_problem = "convolution_backward result used other than by index"
+        site.backward_finding = (Finding.CONV_BACKWARD_OTHER_USE, "")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .base import RESIDUAL_ADD, Operand, Site, is_scale, known, same_shape, scaled_grad, shape_of
+from .base import RESIDUAL_ADD, Finding, Operand, Site, is_scale, known, same_shape, scaled_grad, shape_of
 
 aten = torch.ops.aten
 
@@ -180,13 +180,13 @@ def linear_site(anchor: fx.Node, y: fx.Node, scale: Operand, extra: dict) -> Lin
     for node in chain:
         if node.target is aten.add.Tensor:
             if not same_shape(shape_of(node), shape_of(prev)):
-                site.producer_problem = "bias add broadcasts the linear's output"
+                site.producer_finding = (Finding.BIAS_BROADCASTS, "")
             site.biases.append((node, 1 if node.args[0] is prev else 0, axis))
             axis_next = axis
         else:
             axis_next = _next_axis(node, axis)
         if axis_next is None:
-            site.producer_problem = f"{node.target} between the linear and the scale splits the feature axis"
+            site.producer_finding = (Finding.SPLITS_FEATURE_AXIS, str(node.target))
             break
         axis, prev = axis_next, node
     site.axis = axis
@@ -233,26 +233,26 @@ def attach_linear_backward(site: LinearSite, backward: set[fx.Node]) -> None:
         uses = _gradient_uses(gy, site)
         if uses is None:
             continue
-        if site.grad is None and not isinstance(uses, str):
+        if site.grad is None and not isinstance(uses[0], Finding):
             grad_input_mms, grad_weight_mms, _ = uses
             if not ((grad_input_mms and b_unique) or (grad_weight_mms and a_unique)):
-                uses = "another linear reads the same input or weight: its backward is indistinguishable"
+                uses = (Finding.TWIN_LINEAR, "")
         ours.append((gy, g, uses))
     if not ours:
         if site.grad_scale_sum is not None:
-            site.backward_problem = "scale gradient needs the weight gradient, which the model does not compute"
+            site.backward_finding = (Finding.NO_WEIGHT_GRAD, "")
         return
     if len(ours) > 1:
-        site.backward_problem = "several gradients could belong to this linear"
+        site.backward_finding = (Finding.SEVERAL_LINEAR_GRADS, "")
         return
     (gy, g, uses), = ours
-    if isinstance(uses, str):
-        site.backward_problem = uses
+    if isinstance(uses[0], Finding):
+        site.backward_finding = uses
         return
     site.grad_y, site.grad = gy, g
     site.grad_input_mms, site.grad_weight_mms, site.grad_bias_sums = uses
     if site.grad_scale_sum is not None and not site.grad_weight_mms:
-        site.backward_problem = "scale gradient needs the weight gradient, which the model does not compute"
+        site.backward_finding = (Finding.NO_WEIGHT_GRAD, "")
 
 
 def _read_by_this_mm_only(node: Any, mm: fx.Node, backward: set[fx.Node]) -> bool:
@@ -260,8 +260,8 @@ def _read_by_this_mm_only(node: Any, mm: fx.Node, backward: set[fx.Node]) -> boo
 
 
 def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
-    """Classify every use of ``gy``: None when none is this linear's, a reason string when
-    one is ours but another is unrecognised, else the uses."""
+    """Classify every use of ``gy``: None when none is this linear's, a ``(Finding, detail)``
+    when one is ours but another is unrecognised, else the uses."""
     a_in, b_w = site.mm.args[-2], site.weight
     if not same_shape(shape_of(gy), shape_of(site.y)):
         return None
@@ -289,7 +289,7 @@ def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
                 dims = {d % ndim for d in user.args[1]}
                 keepdim = bool(user.args[2]) if len(user.args) > 2 else bool(user.kwargs.get("keepdim", False))
                 if axis in dims or len(dims) != ndim - 1 or user.kwargs.get("dtype") is not None:
-                    problem = problem or "gradient reduced over the feature axis"
+                    problem = problem or (Finding.GRAD_REDUCED_OVER_FEATURES, "")
                 else:
                     bias_sums.append((user, axis if keepdim else 0))
             elif target is aten.copy.default and user.args[1] is node and same_shape(shape_of(user), shape_of(node)):
@@ -297,11 +297,11 @@ def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
             elif target in _VIEWS or target in _PERMUTES or target in _SAME or target is _CAST:
                 nxt = _next_axis(user, axis)
                 if nxt is None:
-                    problem = problem or f"gradient {target} splits the feature axis"
+                    problem = problem or (Finding.GRAD_SPLITS_FEATURE_AXIS, str(target))
                 else:
                     stack.append((user, nxt))
             else:
-                problem = problem or f"gradient used by {target}"
+                problem = problem or (Finding.GRAD_USED_ELSEWHERE, str(target))
     if not ours:
         return None
     if problem is not None:
