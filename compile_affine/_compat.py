@@ -97,15 +97,14 @@ def register_user_lowering(op: torch._ops.OpOverload, fn: Any) -> None:
 # between were not checked, so they get the 2.11 treatment.
 _TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 _CONV_TAKES_VIEW_BIAS = _TORCH >= (2, 14)
-_VIEWS = {"view", "reshape", "_unsafe_view", "expand", "squeeze", "unsqueeze", "permute", "t", "transpose", "alias"}
 
 
 def conv_bias(emit: Any, bias: Any) -> Any:
     """``bias`` as the folded conv may take it: on older Inductor, never a bare view.
     ``neg(neg(b))`` is exact and lowers to a buffer (``clone`` would be dropped as a no-op)."""
-    target = getattr(bias, "target", None)
-    name = getattr(target, "__name__", "").split(".")[0]
-    if _CONV_TAKES_VIEW_BIAS or bias is None or name not in _VIEWS:
+    from .passes.graph import VIEW_OPS
+
+    if _CONV_TAKES_VIEW_BIAS or bias is None or getattr(bias, "target", None) not in VIEW_OPS:
         return bias
     aten = torch.ops.aten
     return emit(aten.neg.default, emit(aten.neg.default, bias))

@@ -95,7 +95,7 @@ def _break_rewrite(monkeypatch):
     def broken(graph, site):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(rewrite, "fold", broken)
+    monkeypatch.setattr(rewrite, "fold_site", broken)
 
 
 def test_pass_error_falls_back_with_one_warning(monkeypatch):

@@ -203,13 +203,13 @@ def test_find_sites_is_reentrant_across_threads():
     (chain, p_chain), (tokens, p_tokens) = _functional(Chain()), _functional(TokenScale())
     graphs = [joint_graph(chain, torch.randn(2, 4, 6, 6), *p_chain, settings=never)[1],
               joint_graph(tokens, torch.randn(2, 3, 8), *p_tokens, settings=never)[1]]  # fmt: skip
-    expected = [[s.mul.name for s in find_sites(gm)] for gm in graphs]
+    expected = [[s.anchor.name for s in find_sites(gm)] for gm in graphs]
     assert expected[0] and expected[1] and expected[0] != expected[1]
     errors: list[str] = []
 
     def worker(i):
         for _ in range(30):
-            got = [s.mul.name for s in find_sites(graphs[i])]
+            got = [s.anchor.name for s in find_sites(graphs[i])]
             if got != expected[i]:
                 errors.append(f"graph {i}: {got} != {expected[i]}")
 

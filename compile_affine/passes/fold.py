@@ -39,7 +39,7 @@ class AffineFoldPass(CustomGraphPass):
     def __init__(self, settings: Settings, mutations: InputMutations = InputMutations()):
         self.settings = settings
         self.mutations = mutations
-        """Which inputs of the graph being compiled it mutates (see sites.mutated_inputs)."""
+        """Which inputs of the graph being compiled it mutates (see backend.mutated_inputs)."""
         self.calls = 0
         self.records: list[report.GraphRecord] = []
         """What this pass recorded (one backend call), for the copy kept beside the cache."""
@@ -76,9 +76,9 @@ def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = Inpu
     internal: Counter[str] = Counter()
     while True:
         found = [site for site in find_sites(gm, mutations)
-                 if site.mul not in judged and not site.mul.meta.get(rewrite.JUDGED)]  # fmt: skip
+                 if site.anchor not in judged and not site.anchor.meta.get(rewrite.REFUSED_BATCH_NORM)]  # fmt: skip
         # A shift judged with its multiply (and left as an add) is not a new site later.
-        judged.update(n for site in found for n in (site.mul, site.shift_node) if n is not None)
+        judged.update(n for site in found for n in (site.anchor, site.shift_node) if n is not None)
         # GELU's ``y * 0.5`` on a linear output is not an affine layer: never folded
         # (its output is always reused), never listed, only counted. Nor are gates,
         # masks and residual adds: counted in the user's words.
@@ -89,7 +89,7 @@ def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = Inpu
                 continue
             if what := site.not_an_affine_layer():
                 record.not_affine[what] = record.not_affine.get(what, 0) + 1
-                log.debug("%s %s: not an affine layer", what, _location(site.mul))
+                log.debug("%s %s: not an affine layer", what, _location(site.anchor))
                 continue
             new_sites.append(site)
         records = [_decide_and_fold(gm.graph, site, settings) for site in new_sites]
@@ -131,7 +131,7 @@ def _normalise_batch_norms(gm: fx.GraphModule, settings: Settings, mutations: In
             normalised = True
             continue
         for sub in (bn.sub, *bn.backward_subs):
-            sub.meta[rewrite.JUDGED] = True
+            sub.meta[rewrite.REFUSED_BATCH_NORM] = True
         log.debug("batch norm %s: %s", _location(bn.norm), reason)
         if reason == legality.TRAINING_MODE_BATCH_NORM:
             # Normalised by its batch's statistics: no fixed affine to fold, so not a site.
@@ -164,7 +164,7 @@ def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.
         if not estimate.pays:
             reason, summary_reason, declined = estimate.reason(), estimate.short_reason(), True
     if reason is None:
-        rewrite.fold(graph, site)
+        rewrite.fold_site(graph, site)
     log.debug("site %s: %s", facts["location"], reason or "folded")
     return report.SiteRecord(**facts, folded=reason is None, reason=reason, declined_by_cost=declined,
                              summary_reason=summary_reason)
@@ -172,8 +172,8 @@ def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.
 
 def _facts(site: Site) -> dict:
     return dict(
-        location=_location(site.mul),
-        module=_module(site.mul),
+        location=_location(site.anchor),
+        module=_module(site.anchor),
         producer_module=_module(getattr(site, "mm", None) or site.y),
         kind=site.kind,
         producer=site.producer,

@@ -29,6 +29,9 @@ same values, another shape. Each walk below picks the subset it may step through
 
 RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
 PERMUTES = frozenset({aten.permute.default, aten.transpose.int, aten.t.default})
+ORDER_KEEPING_VIEWS = RESHAPES | {aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
+                                  aten.alias.default}  # fmt: skip
+"""Views that keep the elements' order: the same values under another shape."""
 
 
 def val(node: Any) -> torch.Tensor | None:

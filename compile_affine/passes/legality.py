@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .._compat import SCATTER_FILL_MISORDERED
-from .graph import CHANNEL_AXIS, operand_problem, reaches, same_shape
+from .graph import CHANNEL_AXIS, VIEW_OPS, operand_problem, reaches, same_shape
 from .graph import val as _val
 from .sites import BatchNorm, Finding, LinearSite, Site
 from .sites.batchnorm import per_channel_problem
@@ -27,7 +27,7 @@ aten = torch.ops.aten
 
 
 def has_metadata(site: Site) -> str | None:
-    if _val(site.y) is None or _val(site.weight) is None or _val(site.tail) is None:
+    if _val(site.y) is None or _val(site.weight) is None or _val(site.result) is None:
         return "missing tensor metadata"
     if not all(isinstance(d, int) for d in _val(site.weight).shape):
         return "weight shape is symbolic"
@@ -112,7 +112,7 @@ def autocast_promotion(conv: torch.dtype, out: torch.dtype) -> bool:
 
 
 def result_unchanged(site: Site) -> str | None:
-    conv, out = _val(site.y), _val(site.tail)
+    conv, out = _val(site.y), _val(site.result)
     if out.dtype != conv.dtype and not autocast_promotion(conv.dtype, out.dtype):
         return f"fold would change result dtype ({conv.dtype} -> {out.dtype})"
     if not same_shape(out.shape, conv.shape):
@@ -121,10 +121,7 @@ def result_unchanged(site: Site) -> str | None:
 
 
 # Ops a gradient passes through on its way from a scatter without being materialised.
-_THROUGH = {aten.expand.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-            aten.as_strided.default, aten.permute.default, aten.squeeze.dim, aten.squeeze.dims,
-            aten.unsqueeze.default, aten.div.Scalar, aten.mul.Scalar, aten.clone.default,
-            torch.ops.prims.convert_element_type.default}  # fmt: skip
+_THROUGH = VIEW_OPS | {aten.div.Scalar, aten.mul.Scalar, aten.clone.default, torch.ops.prims.convert_element_type.default}
 
 
 def gradient_not_from_scatter(site: Site) -> str | None:
@@ -170,13 +167,13 @@ def shift_problem(site: Site) -> str | None:
     problem = operand_problem(site.shift, out, "shift", site.axis)
     if problem is None and reaches(site.shift, site.produced):
         problem = "shift is computed from the output it shifts"
-    tail = _val(site.tail)
+    result = _val(site.result)
     # The add must not promote: for addcmul, the result has the shift's dtype.
-    product = _val(site.shift) if site.fused_shift and isinstance(site.shift, fx.Node) else _val(site.mul)
-    if problem is None and (tail is None or product is None or tail.dtype != product.dtype
-                            or not same_shape(tail.shape, out.shape)):  # fmt: skip
+    product = _val(site.shift) if site.fused_shift and isinstance(site.shift, fx.Node) else _val(site.anchor)
+    if problem is None and (result is None or product is None or result.dtype != product.dtype
+                            or not same_shape(result.shape, out.shape)):  # fmt: skip
         problem = "shift would change result dtype or shape"
-    if problem is None and site.shift_only and tail.dtype != out.dtype:
+    if problem is None and site.shift_only and result.dtype != out.dtype:
         problem = "shift promotes the result dtype"  # the bias would have to be wider than the conv
     return problem
 
@@ -193,7 +190,7 @@ def batch_norm_problem(bn: BatchNorm) -> str | None:
         problem = per_channel_problem(operand, bn.y, what)
         if problem:
             return problem
-    y_val, out = _val(bn.y), _val(bn.tail)
+    y_val, out = _val(bn.y), _val(bn.result)
     if out is None or out.dtype != y_val.dtype or _val(bn.sub).dtype != y_val.dtype:
         return "batch norm computes in a wider dtype than its producer"
     if not same_shape(tuple(out.shape), tuple(y_val.shape)):

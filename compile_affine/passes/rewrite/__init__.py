@@ -27,7 +27,7 @@ from torch._inductor.fx_passes.post_grad import same_meta
 from ..graph import fresh_result
 from ..sites import LinearSite, Site
 from .batchnorm import normalise as normalise_batch_norm
-from .common import JUDGED, Emitter
+from .common import REFUSED_BATCH_NORM, Emitter
 from .conv import fold_conv
 from .linear import fold_linear
 
@@ -77,11 +77,11 @@ def drop_clones_of_convolutions(graph: fx.Graph) -> bool:
     return changed
 
 
-def fold(graph: fx.Graph, site: Site) -> fx.Node:
+def fold_site(graph: fx.Graph, site: Site) -> fx.Node:
     """Rewrite ``site`` in place; returns the folded producer node."""
     if isinstance(site, LinearSite):
         return fold_linear(graph, site)
     return fold_conv(graph, site)
 
 
-__all__ = ["JUDGED", "drop_addcmul_unit_factors", "drop_clones_of_convolutions", "Emitter", "fold", "fold_conv", "fold_linear", "normalise_batch_norm"]
+__all__ = ["REFUSED_BATCH_NORM", "drop_addcmul_unit_factors", "drop_clones_of_convolutions", "Emitter", "fold_site", "fold_conv", "fold_linear", "normalise_batch_norm"]

@@ -34,7 +34,7 @@ def normalise(graph: fx.Graph, bn: BatchNorm) -> fx.Node:
         return emit.cast(emit(aten.reshape.default, node, [-1]), compute)
 
     old_scales = [m.args[i] for m, i in bn.backward_scales]
-    with graph.inserting_before(bn.tail):  # every operand of the chain is defined by now
+    with graph.inserting_before(bn.result):  # every operand of the chain is defined by now
         rm_c = flat(bn.running_mean)
         if bn.linear is None:
             x, weight, bias, *config = bn.y.args
@@ -50,11 +50,11 @@ def normalise(graph: fx.Graph, bn: BatchNorm) -> fx.Node:
         k = emit(aten.reshape.default, emit.cast(k_c, dtype), view)
         anchor = emit(aten.mul.Tensor, y_new, k)
     anchor.meta[KIND] = "batch_norm"
-    bn.tail.replace_all_uses_with(anchor)
+    bn.result.replace_all_uses_with(anchor)
     for sub in bn.backward_subs:
         sub.replace_all_uses_with(y_new)
     for mul, i in bn.backward_scales:
         mul.update_arg(i, k)
-    erase_dead(graph, [bn.tail, *bn.backward_subs, *old_scales, bn.y if bn.linear is None else None])
+    erase_dead(graph, [bn.result, *bn.backward_subs, *old_scales, bn.y if bn.linear is None else None])
     return anchor
 

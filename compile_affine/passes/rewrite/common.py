@@ -15,7 +15,7 @@ from ..sites import Operand, Site
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-JUDGED = "compile_affine_judged"
+REFUSED_BATCH_NORM = "compile_affine_refused_batch_norm"
 """Node meta key: an add the rewrite left behind, which ``fold.run`` must not judge again."""
 
 
@@ -101,7 +101,7 @@ def finish_result(emit: Emitter, site: Site, result: fx.Node) -> fx.Node:
     if site.unfolded_shift is None:
         return result
     add = emit(aten.add.Tensor, site.unfolded_shift, result)
-    add.meta[JUDGED] = True  # already reported with its addcmul: not a new site
+    add.meta[REFUSED_BATCH_NORM] = True  # already reported with its addcmul: not a new site
     return add
 
 

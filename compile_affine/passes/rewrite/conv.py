@@ -60,7 +60,7 @@ def fold_conv(graph: fx.Graph, site: ConvSite) -> fx.Node:
     out_dtype = site.conv.meta["val"].dtype
     emit = Emitter(graph, site.conv)
 
-    with graph.inserting_before(site.tail):
+    with graph.inserting_before(site.result):
         # Tagged for recompute: backward re-derives W*s from W and s instead of saving it.
         emit.recompute = True
         compute = torch.promote_types(w_val.dtype, torch.float32)
@@ -71,7 +71,7 @@ def fold_conv(graph: fx.Graph, site: ConvSite) -> fx.Node:
         emit.recompute = False
         # Under autocast eager computed ``y * s + t`` in fp32 from a 16-bit ``y``: the result
         # is cast up, and the shift is added after that, in fp32, not rounded into a 16-bit bias.
-        result_dtype = site.tail.meta["val"].dtype
+        result_dtype = site.result.meta["val"].dtype
         shift_in_bias = site.shift is not None and result_dtype == out_dtype
         t_c = None if site.shift is None else per_channel(emit, site.shift, cmap.channels, w_val.device, compute)
         b_fold = None
@@ -87,11 +87,11 @@ def fold_conv(graph: fx.Graph, site: ConvSite) -> fx.Node:
             t_view = emit(aten.reshape.default, emit.cast(t_c, result_dtype), [1, cmap.channels] + [1] * (w_val.ndim - 2))
             result = add_shift(emit, result, t_view, site.shift_sign)
         result = finish_result(emit, site, result)
-    site.tail.replace_all_uses_with(result)
+    site.result.replace_all_uses_with(result)
 
     if site.grad is not None:
         _fold_backward(graph, site, emit, cmap, s_c, w_fold)
-    erase_dead(graph, [site.shift_node, site.mul, site.conv])
+    erase_dead(graph, [site.shift_node, site.anchor, site.conv])
     return new_conv
 
 

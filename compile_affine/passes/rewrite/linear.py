@@ -23,7 +23,7 @@ def fold_linear(graph: fx.Graph, site: LinearSite) -> fx.Node:
     out, y_val = w_val.shape[-1], site.y.meta["val"]
     emit = Emitter(graph, site.mm)
     compute = torch.promote_types(w_val.dtype, torch.float32)
-    with graph.inserting_before(site.tail):
+    with graph.inserting_before(site.result):
         emit.recompute = True  # as for convs: backward recomputes B * s from B and s
         s_c = scale_vector(emit, site, out, w_val.device, compute)
         # A bmm weight broadcast over the batch (``W.t().expand(b, in, out)``) is scaled as
@@ -34,7 +34,7 @@ def fold_linear(graph: fx.Graph, site: LinearSite) -> fx.Node:
         if stored is not b_w:
             w_fold = emit(aten.expand.default, w_fold, list(w_val.shape))
         emit.recompute = False
-        result_dtype = site.tail.meta["val"].dtype
+        result_dtype = site.result.meta["val"].dtype
         shift_in_bias = site.shift is not None and result_dtype == y_val.dtype
         if site.mm.target is aten.bmm.default and not site.biases:
             shift_in_bias = False  # no bias slot to put it in: added after
@@ -65,10 +65,10 @@ def fold_linear(graph: fx.Graph, site: LinearSite) -> fx.Node:
             t_view = feature_view(emit, emit.cast(t_c, result_dtype), y_val.ndim, site.axis)
             result = add_shift(emit, result, t_view, site.shift_sign)
         result = finish_result(emit, site, result)
-    site.tail.replace_all_uses_with(result)
+    site.result.replace_all_uses_with(result)
     if site.grad_y is not None:
         _fold_linear_backward(graph, site, emit, s_c, w_fold)
-    erase_dead(graph, [site.shift_node, site.mul, site.y])
+    erase_dead(graph, [site.shift_node, site.anchor, site.y])
     return new_mm
 
 

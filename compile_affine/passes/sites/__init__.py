@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
 
 from .base import (Finding, InputMutations, Operand, Site, attach_scale_grad, attach_shift, backward_region,
-                   mutated_inputs, reaches, same_shape, shape_of, traced_for_backward)
+                   mutated_primals, reaches, same_shape, shape_of, traced_for_backward)
 from .conv import CONV_ARG_NAMES, ConvSite, attach_conv_backward
 from .batchnorm import KIND, BatchNorm, find_batch_norms
 from .linear import LinearSite, attach_linear_backward, linear_site
@@ -61,7 +61,7 @@ def find_sites(gm: fx.GraphModule, seen_mutations: InputMutations = InputMutatio
     anchors = [n for n in gm.graph.nodes if n in found]
     backward = backward_region(gm.graph)
     traced = traced_for_backward(gm.graph, backward) if backward else set()
-    mutated = mutated_inputs(gm.graph, seen_mutations) if backward else set()
+    mutated = mutated_primals(gm.graph, seen_mutations) if backward else set()
     effectful = any(n.target is torch.ops.higher_order.with_effects for n in gm.graph.nodes)
     sites = []
     for anchor in anchors:
@@ -78,7 +78,7 @@ def find_sites(gm: fx.GraphModule, seen_mutations: InputMutations = InputMutatio
     # ``y / s`` has a twin ``div(y, s)`` computed for its scale's gradient, and a linear's
     # bias add lies inside the views to its scale: parts of a site, not sites.
     claimed = {n for site in sites for n in (*site.grad_scale_nodes, *site.produced)}
-    sites = [site for site in sites if site.mul not in claimed]
+    sites = [site for site in sites if site.anchor not in claimed]
     # A backward node two sites both take for their own would be rewritten twice.
     owners: dict[fx.Node, list[Site]] = {}
     for site in sites:
@@ -113,7 +113,7 @@ def _build_site(anchor: fx.Node, backward: set[fx.Node], traced: set[fx.Node]) -
         if not isinstance(y, fx.Node) or y is scale:
             continue
         if y.target is aten.convolution.default:
-            site: Site = ConvSite(mul=anchor, scale=scale, conv=y, **extra)
+            site: Site = ConvSite(anchor=anchor, scale=scale, conv=y, **extra)
         elif anchor.target in (aten.add.Tensor, aten.sub.Tensor):
             # A linear's own bias is such an add when its input is not 2-D contiguous,
             # indistinguishable from a user's shift; both are left to Inductor's fusion.
@@ -139,4 +139,4 @@ def _build_site(anchor: fx.Node, backward: set[fx.Node], traced: set[fx.Node]) -
 
 
 __all__ = ["BatchNorm", "CONV_ARG_NAMES", "ConvSite", "Finding", "find_batch_norms", "InputMutations", "LinearSite", "Operand", "Site", "backward_region",
-           "find_sites", "mutated_inputs", "reaches", "same_shape"]
+           "find_sites", "mutated_primals", "reaches", "same_shape"]

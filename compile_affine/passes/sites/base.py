@@ -63,12 +63,12 @@ class Site:
     rules and the cost model read is defined here.
     """
 
-    mul: fx.Node
+    anchor: fx.Node
     """The affine's anchor: ``mul(y, s)``, ``div(y, s)`` or ``addcmul(t, y, s)``."""
     scale: Operand
     shift: Operand | None = None
     shift_node: fx.Node | None = None
-    """The add/sub absorbed into the site; ``tail`` is what the folded producer replaces."""
+    """The add/sub absorbed into the site; ``result`` is what the folded producer replaces."""
     shift_sign: int = 1
     divide: bool = False
     """``y / s``: the fold multiplies by ``1 / s``."""
@@ -143,7 +143,7 @@ class Site:
     def decomposed_from(self) -> str | None:
         """The op whose decomposition wrote the anchor (GELU's ``x * 0.5``), when the user
         did not write it. Nodes without the meta (our own, older graphs) count as the user's."""
-        origin = self.mul.meta.get("original_aten")
+        origin = self.anchor.meta.get("original_aten")
         if origin is None or str(origin) in USER_AFFINE_OPS:
             return None
         return str(getattr(origin, "_overloadpacket", origin))
@@ -161,37 +161,37 @@ class Site:
     @property
     def shift_only(self) -> bool:
         """``y + t`` / ``y - t`` with no scale: only the bias changes."""
-        return self.mul.target in (aten.add.Tensor, aten.sub.Tensor)
+        return self.anchor.target in (aten.add.Tensor, aten.sub.Tensor)
 
     @property
     def fused_shift(self) -> bool:
         """The anchor itself adds the shift (``addcmul``, or a bare add/sub)."""
-        return self.mul.target is aten.addcmul.default or self.shift_only
+        return self.anchor.target is aten.addcmul.default or self.shift_only
 
     @property
-    def tail(self) -> fx.Node:
-        return self.shift_node or self.mul
+    def result(self) -> fx.Node:
+        return self.shift_node or self.anchor
 
     def refresh(self) -> None:
         """Re-read scale and shift from the live graph: folding an earlier site in the same
         round may have replaced the node one of them was (e.g. a shift that is another
         site's output)."""
         if self.shift_only:
-            self.shift = other_operand(self.mul, self.y)
+            self.shift = other_operand(self.anchor, self.y)
             return
         if self.fused_shift:  # addcmul(t, y, s) or addcmul(t, s, y)
-            self.scale = self.mul.args[2] if self.mul.args[1] is self.y else self.mul.args[1]
+            self.scale = self.anchor.args[2] if self.anchor.args[1] is self.y else self.anchor.args[1]
             if self.shift is not None:
-                self.shift = self.mul.args[0]
+                self.shift = self.anchor.args[0]
             return
-        self.scale = self.mul.args[1] if self.divide else other_operand(self.mul, self.y)
+        self.scale = self.anchor.args[1] if self.divide else other_operand(self.anchor, self.y)
         if self.shift_node is not None:
-            self.shift = other_operand(self.shift_node, self.mul)
+            self.shift = other_operand(self.shift_node, self.anchor)
 
     def drop_shift(self) -> None:
         """Fold the scale alone; the shift is added as before."""
         if self.fused_shift and not self.shift_only:
-            self.unfolded_shift = self.mul.args[0]
+            self.unfolded_shift = self.anchor.args[0]
         self.shift = self.shift_node = None
 
 
@@ -203,7 +203,7 @@ class InputMutations:
     mutated: frozenset[int] = frozenset()
 
 
-def mutated_inputs(graph: fx.Graph, seen: InputMutations) -> set[fx.Node]:
+def mutated_primals(graph: fx.Graph, seen: InputMutations) -> set[fx.Node]:
     """Joint-graph inputs the compiled code mutates (a buffer updated in place).
 
     A fold saves x, W and b for backward where autograd saved the conv output; if one is
@@ -235,18 +235,18 @@ def attach_shift(site: Site) -> None:
     Anything unusual (alpha, a second user) simply ends the chain: the mul alone can
     still fold and the add stays in the graph.
     """
-    users = list(site.mul.users)
+    users = list(site.anchor.users)
     if len(users) != 1:
         return
     node = users[0]
     if node.target not in (aten.add.Tensor, aten.sub.Tensor) or node.kwargs.get("alpha", 1) != 1:
         return
-    if node.target is aten.sub.Tensor and node.args[0] is not site.mul:
+    if node.target is aten.sub.Tensor and node.args[0] is not site.anchor:
         return  # t - y*s negates y; not a shift of it
-    if node.args[0] is site.mul and node.args[1] is site.mul:
+    if node.args[0] is site.anchor and node.args[1] is site.anchor:
         return
     site.shift_node = node
-    site.shift = other_operand(node, site.mul)
+    site.shift = other_operand(node, site.anchor)
     site.shift_sign = -1 if node.target is aten.sub.Tensor else 1
 
 
@@ -259,7 +259,7 @@ def is_scale(node: Any, site: Site) -> bool:
     return isinstance(node, fx.Node) and node.target is aten.mul.Scalar and node.args == (site.scale, 1)
 
 
-def scaled_grad(node: Any, site: Site) -> fx.Node | None:
+def unscaled_grad(node: Any, site: Site) -> fx.Node | None:
     """``g`` if ``node`` is ``g * s`` (``g / s`` for a division site)."""
     if not isinstance(node, fx.Node):
         return None
@@ -310,7 +310,7 @@ def scale_grad_of(user: fx.Node, site: Site, backward: set[fx.Node]) -> tuple[fx
 
 def attach_scale_grad(site: Site, backward: set[fx.Node], traced: set[fx.Node]) -> None:
     for user in site.y.users:
-        if user is site.mul:
+        if user is site.anchor:
             continue
         found = scale_grad_of(user, site, backward) if site.grad_scale_mul is None else None
         if found is None:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..graph import VIEW_OPS, Operand, backward_region, only_user, operand_problem, reaches, same_shape, shape_of, traced_for_backward
-from .base import USER_AFFINE_OPS, InputMutations, mutated_inputs
+from ..graph import ORDER_KEEPING_VIEWS, VIEW_OPS, Operand, backward_region, only_user, operand_problem, reaches, same_shape, shape_of, traced_for_backward
+from .base import USER_AFFINE_OPS, InputMutations, mutated_primals
 from .linear import LinearSite, linear_site
 
 aten = torch.ops.aten
@@ -32,8 +32,7 @@ prims = torch.ops.prims
 KIND = "compile_affine_kind"
 """Node meta key on a normalised anchor: the kind of layer the user wrote (``"batch_norm"``)."""
 
-_VIEWS = (aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-          aten.squeeze.dim, aten.squeeze.dims, aten.alias.default, aten.clone.default)  # fmt: skip
+_VIEWS = ORDER_KEEPING_VIEWS | {aten.clone.default}
 
 
 @dataclasses.dataclass
@@ -71,7 +70,7 @@ class BatchNorm:
         return f"conv{'_transpose' if self.y.args[6] else ''}{dims}d"
 
     @property
-    def tail(self) -> fx.Node:
+    def result(self) -> fx.Node:
         """The last node the normalised scale replaces."""
         return self.weight_mul or self.norm
 
@@ -80,7 +79,7 @@ class BatchNorm:
         return shape_of(self.y)[1]
 
 
-def strip(node: Any) -> Any:
+def through_views(node: Any) -> Any:
     """``node`` through views and value-preserving casts (same dtype) and ``* 1``."""
     while isinstance(node, fx.Node) and node.op == "call_function":
         if node.target in _VIEWS:
@@ -103,7 +102,7 @@ def invstd_key(node: Any) -> tuple | None:
     """``(rv, eps)`` if ``node`` is a view of ``rsqrt(rv + eps)`` (rv up to views and
     same-dtype casts), as both the forward and the backward decomposition compute it.
     torch 2.11's inference decomposition writes ``reciprocal(sqrt(rv + eps)) * 1`` instead."""
-    node = strip(node)
+    node = through_views(node)
     if isinstance(node, fx.Node) and node.target is aten.reciprocal.default:
         node = node.args[0]
         if not (isinstance(node, fx.Node) and node.target is aten.sqrt.default):
@@ -116,7 +115,7 @@ def invstd_key(node: Any) -> tuple | None:
     rv, eps = add.args[:2]
     if not isinstance(rv, fx.Node) or isinstance(eps, bool) or not isinstance(eps, (int, float)):
         return None
-    return strip(rv), float(eps)
+    return through_views(rv), float(eps)
 
 
 def per_channel_problem(operand: Any, y: fx.Node, what: str) -> str | None:
@@ -145,7 +144,7 @@ def find_batch_norms(gm: fx.GraphModule, seen: InputMutations = InputMutations()
     graph = gm.graph
     backward = backward_region(graph)
     traced = traced_for_backward(graph, backward) if backward else set()
-    mutated = mutated_inputs(graph, seen)
+    mutated = mutated_primals(graph, seen)
     found = []
     for sub in graph.nodes:
         if sub.target is not aten.sub.Tensor or sub in traced or sub.kwargs.get("alpha", 1) != 1:
@@ -194,13 +193,13 @@ def _attach_backward_subs(bn: BatchNorm, traced: set[fx.Node]) -> None:
     """Sort the other readers of ``y``: the formula's ``sub(y, rm)``, which the backward
     wrote (it reads no tangent, so only AOTAutograd's tag tells), or anything else. A
     forward ``sub(y, rm)`` is another reader: a second batch norm on the same output."""
-    rm_base = strip(bn.running_mean)
+    rm_base = through_views(bn.running_mean)
     y_val = bn.y.meta["val"]
     for user in bn.y.users:
         if user is bn.sub:
             continue
         if (user in traced and user.target is aten.sub.Tensor and user.args[0] is bn.y and user.kwargs.get("alpha", 1) == 1
-                and isinstance(user.args[1], fx.Node) and strip(user.args[1]) is rm_base
+                and isinstance(user.args[1], fx.Node) and through_views(user.args[1]) is rm_base
                 and per_channel_problem(user.args[1], bn.y, "running mean") is None
                 and same_shape(shape_of(user), shape_of(bn.y)) and _dtype(user) == y_val.dtype):  # fmt: skip
             bn.backward_subs.append(user)
@@ -210,14 +209,14 @@ def _attach_backward_subs(bn: BatchNorm, traced: set[fx.Node]) -> None:
 
 def _same_scale(node: Any, bn: BatchNorm) -> bool:
     """Is ``node`` (stripped) the value ``invstd [* w]``, recomputed from the same buffers?"""
-    node = strip(node)
+    node = through_views(node)
     if bn.weight is None:
         return invstd_key(node) == bn.invstd_key
     if not (isinstance(node, fx.Node) and node.target is aten.mul.Tensor):
         return False
     a, b = node.args[:2]
-    w = strip(bn.weight)
-    return (invstd_key(a) == bn.invstd_key and strip(b) is w) or (invstd_key(b) == bn.invstd_key and strip(a) is w)
+    w = through_views(bn.weight)
+    return (invstd_key(a) == bn.invstd_key and through_views(b) is w) or (invstd_key(b) == bn.invstd_key and through_views(a) is w)
 
 
 def _feeds_conv_backward(node: fx.Node, conv: fx.Node) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .base import Finding, Site, scaled_grad
+from .base import Finding, Site, unscaled_grad
 
 aten = torch.ops.aten
 
@@ -71,7 +71,7 @@ def attach_conv_backward(site: ConvSite, backward: set[fx.Node]) -> None:
         grad_out, x, w, _bias_sizes, *config = user.args
         if x is not a["x"] or w is not a["weight"] or list(config[:6]) != list(site.conv.args[3:9]):
             continue
-        g = scaled_grad(_through_cast(grad_out), site)
+        g = unscaled_grad(_through_cast(grad_out), site)
         if g is None:
             continue
         # Another conv with the same input, weight and scale has a backward of this very
@@ -94,7 +94,7 @@ def attach_conv_backward(site: ConvSite, backward: set[fx.Node]) -> None:
     # it); the rewrite stops feeding it to the conv and leaves it to them.
     grad_in = _through_cast(cb.args[0])
     if site.grad is None:
-        site.grad = scaled_grad(grad_in, site)
+        site.grad = unscaled_grad(grad_in, site)
     site.conv_backward, site.grad_conv_input = cb, grad_in
     site.grad_cast = cb.args[0] if cb.args[0] is not grad_in else None
     if any(u.target is not operator.getitem for u in cb.users):

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .base import RESIDUAL_ADD, Finding, Operand, Site, is_scale, known, same_shape, scaled_grad, shape_of
+from ..graph import PERMUTES, RESHAPES
+from .base import RESIDUAL_ADD, Finding, Operand, Site, is_scale, known, same_shape, unscaled_grad, shape_of
 
 aten = torch.ops.aten
 
@@ -98,9 +99,7 @@ class LinearSite(Site):
 
 
 _MM = (aten.mm.default, aten.addmm.default, aten.bmm.default)
-_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-_PERMUTES = (aten.permute.default, aten.transpose.int, aten.t.default)
-_SAME = (aten.clone.default, aten.alias.default)
+_COPIES = (aten.clone.default, aten.alias.default)
 _CAST = torch.ops.prims.convert_element_type.default
 
 
@@ -119,7 +118,7 @@ def _next_axis(node: fx.Node, axis: int) -> int | None:
     src, ndim = shape_of(node.args[0]), len(shape_of(node.args[0]))
     if not src or not 0 <= axis < ndim:
         return None
-    if node.target in _SAME or node.target is _CAST:
+    if node.target in _COPIES or node.target is _CAST:
         return axis
     if node.target is aten.permute.default:
         perm = [d % ndim for d in node.args[1]]
@@ -129,14 +128,14 @@ def _next_axis(node: fx.Node, axis: int) -> int | None:
         return d1 if axis == d0 else d0 if axis == d1 else axis
     if node.target is aten.t.default:
         return ndim - 1 - axis
-    if node.target in _VIEWS:
+    if node.target in RESHAPES:
         return _view_axis(src, shape_of(node), axis)
     return None
 
 
 def _chain_input(node: fx.Node) -> Any:
     """For a forward chain node, the operand carrying the linear's output."""
-    if node.target in _VIEWS or node.target in _PERMUTES or node.target in _SAME:
+    if node.target in RESHAPES or node.target in PERMUTES or node.target in _COPIES:
         return node.args[0]
     if node.target is aten.add.Tensor and node.kwargs.get("alpha", 1) == 1:
         links = [a for a in node.args[:2] if _reaches_mm(a)]
@@ -156,7 +155,7 @@ def _reaches_mm(node: Any) -> bool:
             return True
         if node.target is aten.add.Tensor:
             stack += node.args[:2]
-        elif node.target in _VIEWS or node.target in _PERMUTES or node.target in _SAME:
+        elif node.target in RESHAPES or node.target in PERMUTES or node.target in _COPIES:
             stack.append(node.args[0])
     return False
 
@@ -173,7 +172,7 @@ def linear_site(anchor: fx.Node, y: fx.Node, scale: Operand, extra: dict) -> Lin
     if mm.target is aten.addmm.default and any(mm.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
         return None
     chain.reverse()
-    site = LinearSite(mul=anchor, scale=scale, mm=mm, chain=chain, **extra)
+    site = LinearSite(anchor=anchor, scale=scale, mm=mm, chain=chain, **extra)
     if mm.target is aten.addmm.default:
         site.biases.append((mm, 0, 1))
     axis, prev = len(shape_of(mm)) - 1, mm  # the features are mm's (bmm's) last dim
@@ -225,7 +224,7 @@ def attach_linear_backward(site: LinearSite, backward: set[fx.Node]) -> None:
     a_unique, b_unique = (_read_by_this_mm_only(n, site.mm, backward) for n in site.mm.args[-2:])
     ours = []
     for gy in dict.fromkeys(readers):
-        g = scaled_grad(gy, site) if gy in backward else None
+        g = unscaled_grad(gy, site) if gy in backward else None
         if g is None or (site.grad is not None and g is not site.grad):
             continue
         if not same_shape(shape_of(g), shape_of(site.y)):
@@ -294,7 +293,7 @@ def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
                     bias_sums.append((user, axis if keepdim else 0))
             elif target is aten.copy.default and user.args[1] is node and same_shape(shape_of(user), shape_of(node)):
                 stack.append((user, axis))  # functional copy_ into a same-shaped buffer: the values of node
-            elif target in _VIEWS or target in _PERMUTES or target in _SAME or target is _CAST:
+            elif target in RESHAPES or target in PERMUTES or target in _COPIES or target is _CAST:
                 nxt = _next_axis(user, axis)
                 if nxt is None:
                     problem = problem or (Finding.GRAD_SPLITS_FEATURE_AXIS, str(target))
