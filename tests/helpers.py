@@ -286,5 +286,3 @@ def compare_gradients(out_c: torch.Tensor, out_e: torch.Tensor, inputs: list[tor
         assert_grads_close(gc, ge, tol, f"gradient {i}")
 
 
-def folded_sites() -> int:
-    return compile_affine.report().folded
