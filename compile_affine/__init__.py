@@ -7,7 +7,8 @@ convolution that produces them, in training and inference.
 import torch._logging._internal
 
 from .backend import backend
-from .report import Report, explain, report, reset
+from .explain import explain
+from .report import Report, report, reset
 from .settings import Settings
 
 # ``TORCH_LOGS="+compile_affine"`` (DEBUG: every site's decision) and

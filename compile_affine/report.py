@@ -2,8 +2,8 @@
 compiled graph.
 
 Records accumulate in-process until ``reset()``, so a user can compile, run and
-then ask ``compile_affine.report()`` what happened; ``explain(model, *inputs)`` does
-both on a copy of the model. Only affines the user wrote are sites: the multiplies and
+then ask ``compile_affine.report()`` what happened (``explain.py`` does both on a copy
+of a model). Only affines the user wrote are sites: the multiplies and
 adds inside another op's decomposition (GELU's ``x * 0.5``, LayerNorm's ``x * rstd``)
 are counted per graph (``GraphRecord.internal``) and named at DEBUG level, not listed.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import copy
 import dataclasses
 import json
 import logging
@@ -361,40 +360,3 @@ RECORDS_LAYOUT = tuple(f.name for cls in (GraphRecord, SiteRecord, EpilogueRecor
 def _tuples(fields: dict[str, Any]) -> dict[str, Any]:
     """JSON gives lists where the records hold shape tuples."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-
-
-# --- explain ------------------------------------------------------------------------
-
-def explain(model: Any, *inputs: Any, **compile_kwargs: Any) -> Report:
-    """What compile_affine does to ``model`` on ``inputs``, like ``torch._dynamo.explain``.
-
-    Compiles a deep copy with ``backend="compile_affine"`` (``compile_kwargs`` go to
-    ``torch.compile``: ``mode``, ``options``, ``dynamic``), runs one forward and, when
-    grad is enabled and an output requires grad, one backward of the outputs' sum so the
-    training graph is compiled too; under ``torch.no_grad()`` only the inference graph.
-    The caller's model, its parameters and their ``.grad``, the inputs and the RNG
-    state are left as they were. Returns the report of those compiles alone.
-    """
-    import torch
-    import torch.utils._pytree as pytree
-
-    original = getattr(model, "_orig_mod", model)  # a torch.compile'd module: explain its module
-    twin = copy.deepcopy(original)
-    compiled = torch.compile(twin, backend="compile_affine", **compile_kwargs)
-
-    def own(t: Any) -> Any:  # inputs the backward must not accumulate into
-        return t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
-
-    inputs = pytree.tree_map(own, inputs)
-    devices = sorted({t.device.index or 0 for t in pytree.tree_leaves(inputs)
-                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})  # fmt: skip
-    with capture() as graphs, torch.random.fork_rng(devices=devices):
-        outputs = compiled(*inputs)
-        if torch.is_grad_enabled():
-            grads = [t.sum() for t in pytree.tree_leaves(outputs)
-                     if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()]  # fmt: skip
-            if grads:
-                torch.autograd.backward(grads)
-    if not graphs:
-        log.warning("explain: nothing was compiled (Dynamo ran the model eagerly, or it hit its recompile limit)")
-    return Report(graphs)
