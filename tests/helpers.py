@@ -70,13 +70,52 @@ def pass_backend(settings: Settings = ALWAYS, captured: Captured | None = None):
     def partition(joint, joint_inputs, **kwargs):
         return min_cut_rematerialization_partition(run(joint), joint_inputs, **kwargs)
 
-    return aot_autograd(
+    compile_graph = aot_autograd(
         fw_compiler=_boxed,
         bw_compiler=_boxed,
         inference_compiler=lambda gm, inputs: make_boxed_func(run(gm)),
         partition_fn=partition,
         decompositions=select_decomp_table(),
     )
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        return _aliasing_checked(gm, compile_graph(gm, example_inputs))
+
+    return backend
+
+
+def _aliasing_checked(gm: fx.GraphModule, compiled: Callable) -> Callable:
+    """The harness-wide aliasing guard: every call's outputs share storage with each other
+    and with the inputs exactly as the Dynamo graph's do when run eagerly (which is what
+    stock Inductor keeps). The eager run uses copies of the inputs (mutations land on the
+    copies) and its own RNG stream."""
+    import torch.utils._pytree as pytree
+
+    def call(*args):
+        out = compiled(*args)
+        storages = [_storage(a) for a in args]
+        copies = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+        devices = [a.device.index or 0 for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"]
+        with torch.random.fork_rng(devices=sorted(set(devices))), torch.no_grad():
+            eager = gm(*copies)
+        copy_class = {_storage(c): storages[i] for i, c in enumerate(copies) if _storage(c) is not None}
+
+        def pattern(outputs, input_class):
+            flat = [_storage(t) for t in pytree.tree_leaves(outputs)]
+            pairs = [(i, j) for i in range(len(flat)) for j in range(i + 1, len(flat)) if flat[i] is not None and flat[i] == flat[j]]
+            return pairs, [input_class.get(k) for k in flat]
+
+        got, want = pattern(out, {s: s for s in storages if s is not None}), pattern(eager, copy_class)
+        assert got == want, f"outputs alias differently from eager (pairs, input each aliases): compiled {got}, eager {want}"
+        return out
+
+    return call
+
+
+def _storage(t):
+    if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
+        return None
+    return (t.device, t.untyped_storage().data_ptr())
 
 
 def joint_graph(fn: Callable, *args, settings: Settings = ALWAYS) -> tuple[str, fx.GraphModule]:

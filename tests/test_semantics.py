@@ -148,21 +148,25 @@ def test_enabled_false_never_installs_the_pass(monkeypatch):
 
 
 class Outputs(torch.nn.Module):
-    """A conv with a foldable affine, whose output (or a clone of it) also leaves the
-    graph as itself, as views, or feeds an in-place op, in any combination."""
+    """A conv with a foldable affine, whose output (or a clone of it, the base) also
+    leaves the graph as itself, as views, or feeds an in-place op, in any combination."""
 
     def __init__(self, plan):
         super().__init__()
         self.plan = plan
         self.conv = torch.nn.Conv2d(2, 3, 1)
+        self.other = torch.nn.Conv2d(2, 3, 1)
         self.s = torch.nn.Parameter(torch.rand(1, 3, 1, 1) + 0.5)
 
     def forward(self, x):
         y = self.conv(x)
         base = torch.ops.aten.clone.default(y) if self.plan["clone"] else y
-        outs = [base * self.s]
+        # Another site that always folds, so the graph is rewritten whatever this one does.
+        outs = [base * self.s, self.other(x) * self.s]
         for how in self.plan["extra"]:
-            if how == "self":
+            if how == "conv":
+                outs.append(y)
+            elif how == "self":
                 outs.append(base)
             elif how == "view":
                 outs.append(base.view(-1))
@@ -178,7 +182,7 @@ class Outputs(torch.nn.Module):
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.fixed_dictionaries({
     "clone": st.booleans(),
-    "extra": st.lists(st.sampled_from(["self", "view", "transpose", "clone_view", "inplace"]), max_size=3),
+    "extra": st.lists(st.sampled_from(["conv", "self", "view", "transpose", "clone_view", "inplace"]), max_size=3),
     "grad": st.booleans(),
 }))  # fmt: skip
 def test_fuzz_outputs_alias_as_in_eager(plan):
