@@ -17,7 +17,7 @@ from .. import report
 from ..settings import Settings
 from . import cost, legality, rewrite
 from .epilogue import fuse_epilogues
-from .sites import BatchNorm, InputMutations, Site, backward_region, find_batch_norms, find_sites
+from .sites import TRAINING_BATCH_NORM, BatchNorm, InputMutations, Site, backward_region, find_batch_norms, find_sites
 
 log = logging.getLogger("compile_affine")
 
@@ -26,9 +26,6 @@ _PACKAGE = pathlib.Path(__file__).resolve().parent.parent
 # may shape what the pass emits (``_compat`` does), and one added later is covered
 # without anyone remembering to list it. A stale FX-cache hit is a silent miscompile.
 _SOURCES = tuple(sorted(str(p) for p in _PACKAGE.rglob("*.py") if p.relative_to(_PACKAGE).parts[0] != "bench"))
-
-
-TRAINING_BATCH_NORM = "training-mode batch norm"
 
 
 class AffineFoldError(RuntimeError):
@@ -143,9 +140,9 @@ def _normalise_batch_norms(gm: fx.GraphModule, settings: Settings, mutations: In
 
 def _batch_norm_facts(bn: BatchNorm) -> dict:
     weight = bn.linear.weight if bn.linear is not None else bn.y.args[1]
-    return dict(location=_location(bn.norm), module=_module(bn.norm),
-                producer_module=_module(bn.linear.mm if bn.linear is not None else bn.y), producer=bn.producer, output_shape=_shape(bn.y),
-                weight_shape=_shape(weight), scale_shape=(bn.channels,), kind="batch_norm")
+    return dict(location=_location(bn.norm), module=_module(bn.norm), producer_module=_module(bn.producer_node),
+                producer=bn.producer, output_shape=_shape(bn.y), weight_shape=_shape(weight),
+                scale_shape=(bn.channels,), kind="batch_norm")
 
 
 def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.SiteRecord:
@@ -174,7 +171,7 @@ def _facts(site: Site) -> dict:
     return dict(
         location=_location(site.anchor),
         module=_module(site.anchor),
-        producer_module=_module(getattr(site, "mm", None) or site.y),
+        producer_module=_module(site.producer_node),
         kind=site.kind,
         producer=site.producer,
         output_shape=_shape(site.y),

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
 
-from .base import (Finding, InputMutations, Operand, Site, attach_scale_grad, attach_shift, backward_region,
+from .base import (TRAINING_BATCH_NORM, Finding, InputMutations, Operand, Site, attach_scale_grad, attach_shift, backward_region,
                    mutated_primals, reaches, same_shape, shape_of, traced_for_backward)
 from .conv import CONV_ARG_NAMES, ConvSite, attach_conv_backward
 from .batchnorm import KIND, BatchNorm, find_batch_norms
@@ -138,5 +138,5 @@ def _build_site(anchor: fx.Node, backward: set[fx.Node], traced: set[fx.Node]) -
     return None
 
 
-__all__ = ["BatchNorm", "CONV_ARG_NAMES", "ConvSite", "Finding", "find_batch_norms", "InputMutations", "LinearSite", "Operand", "Site", "backward_region",
+__all__ = ["TRAINING_BATCH_NORM", "BatchNorm", "CONV_ARG_NAMES", "ConvSite", "Finding", "find_batch_norms", "InputMutations", "LinearSite", "Operand", "Site", "backward_region",
            "find_sites", "mutated_primals", "reaches", "same_shape"]

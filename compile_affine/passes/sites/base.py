@@ -52,6 +52,7 @@ Noted = tuple  # (Finding, detail: str)
 
 PER_SAMPLE_GATE = "per-sample gate or mask"
 RESIDUAL_ADD = "residual add"
+TRAINING_BATCH_NORM = "training-mode batch norm"
 """What ``Site.not_an_affine_layer`` calls the anchors that are no affine layer."""
 
 
@@ -115,6 +116,11 @@ class Site:
     @property
     def producer(self) -> str:
         raise NotImplementedError
+
+    @property
+    def producer_node(self) -> fx.Node:
+        """The conv or matmul node the affine folds into."""
+        return self.y
 
     @property
     def real_weight(self) -> fx.Node:

@@ -70,6 +70,10 @@ class BatchNorm:
         return f"conv{'_transpose' if self.y.args[6] else ''}{dims}d"
 
     @property
+    def producer_node(self) -> fx.Node:
+        return self.linear.mm if self.linear is not None else self.y
+
+    @property
     def result(self) -> fx.Node:
         """The last node the normalised scale replaces."""
         return self.weight_mul or self.norm

@@ -56,6 +56,10 @@ class LinearSite(Site):
         return "linear"
 
     @property
+    def producer_node(self) -> fx.Node:
+        return self.mm
+
+    @property
     def real_weight(self) -> fx.Node:
         """``bmm(A, W.t().expand(b, in, out))``: the unexpanded ``W.t()``, when the expand
         keeps the feature (last) dim, so the fold scales and costs the stored weight."""
