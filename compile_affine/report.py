@@ -331,6 +331,34 @@ def persist(key: str, graphs: list[GraphRecord]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         log.debug("could not keep the report beside the cache: %s", e)
+        return
+    prune_records(os.path.dirname(path))
+
+
+MAX_RECORDS = 2000
+"""Record files ``persist`` keeps (each a few KiB): the newest by mtime. A pruned record
+only costs the report of a later cache hit ("served from cache; no records")."""
+
+
+def prune_records(folder: str, keep: int | None = None) -> int:
+    """Delete all but the ``keep`` (default ``MAX_RECORDS``) newest ``*.json`` records in
+    ``folder``; returns how many went. Best effort and race-tolerant: another process may
+    prune or write alongside."""
+    keep = MAX_RECORDS if keep is None else keep
+    try:
+        with os.scandir(folder) as entries:
+            records = [(e.stat().st_mtime, e.path) for e in entries if e.name.endswith(".json") and e.is_file()]
+    except OSError:
+        return 0
+    if len(records) <= keep:
+        return 0
+    records.sort(reverse=True)
+    removed = 0
+    for _, path in records[keep:]:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+            removed += 1
+    return removed
 
 
 def restore(key: str) -> list[GraphRecord] | None:

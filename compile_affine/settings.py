@@ -22,14 +22,19 @@ _ENV_VALUES = {"0": False, "1": True}
 
 
 CPU_MIN_ACTIVATION_RATIO = 0.3
-"""Fitted on CPU training steps (docs/benchmarks.md, "The cost rule"): the lowest ratio
+"""Activation bytes per weight byte. Fitted to time, not traffic, on CPU training steps
+in fp32 (where the bytes ratio is the element ratio the fit used): CPU convolutions are
+compute-bound, so a fold that moves more bytes can still be time-neutral. Fitted on CPU training steps (docs/benchmarks.md, "The cost rule"): the lowest ratio
 where folding was still time-neutral within the benchmark's noise, because a neutral fold
 still frees the conv output it no longer saves. 0.5, the earlier speed-only rule, kept
 1.05x the no-affine ResNet-50's bytes; 0.3 folds the late stages down to about 0.35."""
 CUDA_MIN_ACTIVATION_RATIO = 3.5
-"""Derived, not measured: on a GPU both what a fold removes and what it adds are memory
-passes at HBM bandwidth, so the threshold is their access-count ratio (docs/design.md,
-"On GPU"). ``make gpu-check`` measures the break-even; replace this with what it finds."""
+"""The traffic break-even by construction: a fold adds 7 weight-sized accesses (``W * s``
+in forward and again in backward, 2 each; ``gW' * s`` with ``sum(gW' * W)``, 3) and removes
+2 activation-sized ones (the reads of ``y`` and ``g`` for ``sum(g * y)``), each access
+costing its tensor's bytes, so it moves fewer bytes from activation bytes / weight bytes
+= 7 / 2 (docs/design.md, "On GPU"). On a GPU those passes run at HBM bandwidth, so bytes
+are time; ``make gpu-check`` measures it."""
 DEVICE_MIN_ACTIVATION_RATIO = {"cpu": CPU_MIN_ACTIVATION_RATIO, "cuda": CUDA_MIN_ACTIVATION_RATIO}
 """Per device type; any other device uses the CPU value, the only measured one. This
 module's source is hashed into the pass uuid, so a changed value misses the FX cache."""
@@ -47,8 +52,10 @@ class Settings:
     """``auto``: fold legal sites the cost model says pay; ``always``: every legal
     site; ``never``: recognise and report sites but fold none."""
     min_activation_ratio: float | None = None
-    """``fold="auto"`` folds a site when its conv output has at least this many
-    elements per weight element. Lower trades speed for saved-activation memory.
+    """``fold="auto"`` folds a site when its conv output has at least this many bytes per
+    byte of the stored weight, each in its own dtype (under bf16 autocast an fp32 weight
+    needs twice the output elements it needs in fp32; in fp32 this is the element ratio).
+    Lower trades speed for saved-activation memory.
     None: the default of the device the site's weight lives on
     (``DEVICE_MIN_ACTIVATION_RATIO``)."""
     epilogue: EpiloguePolicy = "off"

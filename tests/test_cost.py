@@ -25,7 +25,8 @@ def test_weight_heavy_site_is_declined(device):
     assert check_against_eager(model, torch.randn(1, 64, 3, 3, device=device), pass_backend(AUTO)) == 0
     site = _site()
     assert not site.folded and site.declined_by_cost
-    assert site.reason == "cost: activation 576 < 0.3 x weight 36864 elements"
+    assert site.reason == "cost: activation 2304 < 0.3 x weight 147456 bytes"
+    assert site.summary_reason == "activation 0.0156x the weight in bytes, under 0.3"
 
 
 @on_devices
@@ -70,14 +71,14 @@ def test_bad_threshold():
 
 # The default threshold is per device (settings.DEVICE_MIN_ACTIVATION_RATIO); a site
 # whose activation equals its weight lies between the CPU and the CUDA values.
-def _stub_site(device: str, activation: tuple, weight: tuple):
+def _stub_site(device: str, activation: tuple, weight: tuple, activation_dtype=torch.float32):
     from types import SimpleNamespace
 
-    def node(shape):
-        return SimpleNamespace(meta={"val": SimpleNamespace(shape=shape, device=torch.device(device))})
+    def node(shape, dtype=torch.float32):
+        return SimpleNamespace(meta={"val": SimpleNamespace(shape=shape, dtype=dtype, device=torch.device(device))})
 
     w = node(weight)
-    return SimpleNamespace(y=node(activation), weight=w, real_weight=w, grad_scale_sum=None,
+    return SimpleNamespace(y=node(activation, activation_dtype), weight=w, real_weight=w, grad_scale_sum=None,
                            computes_weight_grad=lambda: True)  # fmt: skip
 
 
@@ -92,7 +93,7 @@ def test_default_threshold_is_per_device():
     on_cuda = cost.estimate(_stub_site("cuda", **shapes), None)
     assert on_cpu.pays and on_cpu.min_ratio == CPU_MIN_ACTIVATION_RATIO
     assert not on_cuda.pays and on_cuda.min_ratio == CUDA_MIN_ACTIVATION_RATIO
-    assert on_cuda.reason() == f"cost: activation 288 < {CUDA_MIN_ACTIVATION_RATIO} x weight 288 elements"
+    assert on_cuda.reason() == f"cost: activation 1152 < {CUDA_MIN_ACTIVATION_RATIO} x weight 1152 bytes"
     # An explicit value wins on every device; other devices take the CPU value.
     assert cost.estimate(_stub_site("cuda", **shapes), 1.0).pays
     assert cost.estimate(_stub_site("meta", **shapes), None).min_ratio == CPU_MIN_ACTIVATION_RATIO
@@ -113,3 +114,19 @@ def test_pass_uuid_follows_the_effective_threshold():
     assert any(p.endswith("compile_affine/settings.py") for p in _SOURCES)
     uuids = {AffineFoldPass(Settings(min_activation_ratio=r)).uuid() for r in (None, 0.5, 3.5)}
     assert len(uuids) == 3
+
+
+def test_rule_compares_bytes_in_each_dtype():
+    from compile_affine.passes import cost
+
+    # 2x the weight's elements: pays at 1.5 in fp32, but under bf16 autocast the conv
+    # output is 2 bytes against the fp32 weight's 4, so it is only 1x the weight in bytes.
+    shapes = dict(activation=(1, 8, 12, 6), weight=(8, 4, 3, 3))  # 576 against 288 elements
+    fp32 = cost.estimate(_stub_site("cpu", **shapes), 1.5)
+    bf16 = cost.estimate(_stub_site("cpu", **shapes, activation_dtype=torch.bfloat16), 1.5)
+    assert fp32.pays and (fp32.activation_bytes, fp32.weight_bytes) == (2304, 1152)
+    assert not bf16.pays and (bf16.activation_bytes, bf16.weight_bytes) == (1152, 1152)
+    assert bf16.short_reason() == "activation 1x the weight in bytes, under 1.5"
+    # In fp32 the bytes rule takes the decisions the element rule took at the same number.
+    assert cost.estimate(_stub_site("cpu", **shapes), 2.0).pays
+    assert not cost.estimate(_stub_site("cpu", **shapes), 2.01).pays

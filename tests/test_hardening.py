@@ -114,7 +114,7 @@ def test_dynamic_batch_is_costed_at_the_smallest_batch_the_graph_serves():
     assert len(graphs) == 2, [g.summary() for g in graphs]
     dynamic = graphs[0]
     assert dynamic.folded == 0 and dynamic.sites[0].declined_by_cost
-    assert "activation 2048 <" in dynamic.sites[0].reason  # 2 x 64 x 4 x 4
+    assert "activation 16384 <" in dynamic.sites[0].reason  # 2 x 64 x 4 x 4 float64 elements, in bytes
     assert graphs[1].sites[0].output_shape == (1, 64, 4, 4) and graphs[1].folded == 0
 
 
@@ -150,7 +150,7 @@ def test_expanded_bmm_weight_is_costed_and_scaled_as_stored():
     # The cost rule sees the stored weight.
     _, unfolded = joint_graph(fn, x, weight, gamma, settings=Settings(fold="never", strict=True))
     (found,) = find_sites(unfolded)
-    assert cost.estimate(found, 0.5).weight_elems == 48
+    assert cost.estimate(found, 0.5).weight_bytes == 48 * 8  # float64
     out_e = fn(x, weight, gamma)
     compiled = torch.compile(fn, backend=pass_backend(ALWAYS))
     out_c = compiled(x, weight, gamma)

@@ -62,10 +62,10 @@ def test_summary_says_why_in_user_terms(caplog):
     # The real backend at its defaults: fold="auto" and the cost rule.
     torch.compile(TwoAffines(), backend="compile_affine")(torch.randn(2, 3, 6, 6)).sum().backward()
     (graph,) = compile_affine.report().graphs
-    line = f"{graph.graph_name}: 2 affine layers: 1 folded, 1 declined by cost (weight larger than activation)"
+    line = f"{graph.graph_name}: 2 affine layers: 1 folded, 1 declined by cost (activation 0.111x the weight in bytes, under 0.3)"
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [line]
     declined = [s for s in graph.sites if s.declined_by_cost]
-    assert len(declined) == 1 and declined[0].reason.startswith("cost: activation 512 < 0.3 x weight 4608")
+    assert len(declined) == 1 and declined[0].reason.startswith("cost: activation 2048 < 0.3 x weight 18432 bytes")
 
 
 def test_explain_leaves_the_callers_model_inputs_and_rng_alone():

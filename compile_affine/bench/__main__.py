@@ -10,6 +10,10 @@ layerscale: transformer and ConvNeXt MLP blocks with LayerScale (net "affine") a
 finetune: ResNet-50 with every BatchNorm in eval mode while training (net "bn"), against
     the norms replaced by nn.Identity (net "none", the floor), under stock Inductor, stock
     Inductor with efficient_conv_bn_eval_fx_passes (the anchor) and compile_affine.
+traffic: no timing; one compiled training step per variant and the bytes its forward and
+    backward kernels move, as Inductor counts them (bench/traffic.py): floor, stock and
+    ours on ResNet-50 (``--finetune``: the eval-BN fine-tuning net), e.g. at a GPU user's
+    ``--batch 32 --res 224``. Every other mode also reports the bytes next to step time.
 zoo: timm and torchvision models that carry affines (LayerScale ViTs and ConvNeXts,
     MetaFormer, NF-ResNet gains, FrozenBN and eval-BN ResNets, an FPN backbone): sites
     found, folded, declined, refused; saved bytes and step time against stock Inductor;
@@ -40,6 +44,8 @@ RESNET_VARIANTS = (
     "affine/compile_affine",
 )  # fmt: skip
 FINETUNE_VARIANTS = ("none/inductor", "bn/inductor", "bn/inductor-conv_bn_eval", "bn/compile_affine")
+TRAFFIC_VARIANTS = ("none/inductor", "affine/inductor", "affine/compile_affine")
+TRAFFIC_FINETUNE_VARIANTS = ("none/inductor", "bn/inductor", "bn/inductor-conv_bn_eval", "bn/compile_affine")
 BLOCK_VARIANTS = ("none/inductor", "affine/inductor", "affine/compile_affine", "affine/compile_affine-always")
 BASELINE = "none / inductor"
 
@@ -47,7 +53,7 @@ BASELINE = "none / inductor"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m compile_affine.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("mode", nargs="?", default="resnet", choices=("resnet", "blocks", "layerscale", "finetune", "zoo"))
+    p.add_argument("mode", nargs="?", default="resnet", choices=("resnet", "blocks", "layerscale", "finetune", "zoo", "traffic"))
     p.add_argument("--device", default="cpu", help="cpu (default, also where CUDA exists) or cuda")
     p.add_argument("--batch", type=int, default=8, help="resnet and zoo batch (blocks use their own)")
     p.add_argument("--res", type=int, default=160, help="resnet input resolution")
@@ -56,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast dtype (float32: no autocast)")
     p.add_argument("--inference", action="store_true", help="time the forward under inference_mode instead of a training step")
     p.add_argument("--min-activation-ratio", type=float, help="compile_affine's cost threshold (default: the plugin's)")
+    p.add_argument("--finetune", action="store_true", help="traffic: the eval-BN fine-tuning net (nets bn, none)")
     p.add_argument("--variants", help="comma-separated net/backend pairs, e.g. none/inductor,affine/compile_affine")
     p.add_argument("--shapes", help="blocks, layerscale: comma-separated indices into the shape matrix")
     p.add_argument("--models", help=f"zoo: comma-separated names or 'all' (default: all but the extras); {', '.join(zoo.BY_NAME)}")
@@ -90,6 +97,17 @@ def run_finetune(args, runner: Runner) -> list[dict]:
     return [_row("resnet50 eval-BN", v, variants) for v in variants]
 
 
+def run_traffic(args, runner: Runner) -> list[dict]:
+    """One step per variant, nothing timed: the byte count does not depend on load."""
+    x = torch.randn(args.batch, 3, args.res, args.res)
+    build, default = (resnet50_finetune, TRAFFIC_FINETUNE_VARIANTS) if args.finetune else (resnet50, TRAFFIC_VARIANTS)
+    variants = [Variant(net, backend, build(net), x) for net, backend in _variants(args.variants, default)]
+    for v in variants:
+        runner.prepare(v, warmup=0, measure=False)
+    scenario = f"resnet50{' eval-BN' if args.finetune else ''} b{args.batch} @{args.res}"
+    return [_row(scenario, v, variants) for v in variants]
+
+
 def run_blocks(args, runner: Runner) -> list[dict]:
     matrix = LAYERSCALE_SHAPES if args.mode == "layerscale" else BLOCK_SHAPES
     shapes = [matrix[int(i)] for i in args.shapes.split(",")] if args.shapes else matrix
@@ -105,19 +123,27 @@ def run_blocks(args, runner: Runner) -> list[dict]:
     return rows
 
 
+def _ratio(a: int | None, b: int | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
 def _row(scenario: str, v: Variant, group: list[Variant]) -> dict:
     base = next((b for b in group if b.name == BASELINE), group[0])
     stock_same_net = next((b for b in group if b.net == v.net and b.backend == "inductor"), None)
+    timed = bool(v.fwd_ms)  # traffic mode times nothing
     return {
         "scenario": scenario,
         "variant": v.name,
-        "step_ms": round(v.step, 2),
-        "fwd_ms": round(v.fwd, 2),
-        "bwd_ms": round(v.bwd, 2),
-        "ratio": round(v.step / base.step, 3),
-        "ratio_vs_stock_same_net": round(v.step / stock_same_net.step, 3) if stock_same_net else None,
-        "saved_mib": round(v.saved_mib, 1),
-        "compile_s": round(v.compile_s, 1),
+        "step_ms": round(v.step, 2) if timed else None,
+        "fwd_ms": round(v.fwd, 2) if timed else None,
+        "bwd_ms": round(v.bwd, 2) if timed else None,
+        "ratio": round(v.step / base.step, 3) if timed else None,
+        "ratio_vs_stock_same_net": round(v.step / stock_same_net.step, 3) if timed and stock_same_net else None,
+        "traffic_bytes": v.traffic_bytes,
+        "traffic_mib": None if v.traffic_bytes is None else round(v.traffic_bytes / 2**20, 1),
+        "traffic_ratio": _ratio(v.traffic_bytes, base.traffic_bytes),
+        "saved_mib": round(v.saved_mib, 1) if timed else None,
+        "compile_s": round(v.compile_s, 1) if timed else None,
         "pass_s": None if v.pass_s is None else round(v.pass_s, 2),
         "folds": v.folds,
     }
@@ -126,12 +152,13 @@ def _row(scenario: str, v: Variant, group: list[Variant]) -> dict:
 COLUMNS = [
     ("scenario", "scenario"), ("variant", "variant"), ("step_ms", "step ms"), ("fwd_ms", "fwd ms"),
     ("bwd_ms", "bwd ms"), ("ratio", "x none/inductor"), ("ratio_vs_stock_same_net", "x stock same net"),
+    ("traffic_mib", "moved MiB"), ("traffic_ratio", "moved x none/inductor"),
     ("saved_mib", "saved MiB"), ("compile_s", "compile s"), ("pass_s", "pass s"), ("folds", "folds"),
 ]  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
-    cells = [[h for _, h in COLUMNS]] + [["-" if r[k] is None else str(r[k]) for k, _ in COLUMNS] for r in rows]
+    cells = [[h for _, h in COLUMNS]] + [["-" if r.get(k) is None else str(r[k]) for k, _ in COLUMNS] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -173,7 +200,7 @@ def main(argv=None) -> int:
     if ddp:
         args.device = init_distributed(args.device)
     runner = (zoo.ZooRunner if args.mode == "zoo" else Runner)(args.device, DTYPES[args.dtype], args.inference, settings, ddp=ddp)
-    modes = {"resnet": run_resnet, "finetune": run_finetune, "zoo": zoo.run}
+    modes = {"resnet": run_resnet, "finetune": run_finetune, "zoo": zoo.run, "traffic": run_traffic}
     rows = modes.get(args.mode, run_blocks)(args, runner)
     info = machine()
     command = "python -m compile_affine.bench " + " ".join(sys.argv[1:] if argv is None else argv)

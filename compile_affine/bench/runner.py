@@ -19,6 +19,7 @@ from torch._inductor.utils import fresh_cache
 import compile_affine
 
 from .measure import saved_for_backward
+from .traffic import counting
 
 BACKENDS = ("eager", "inductor", "inductor-conv_bn_eval", "compile_affine", "compile_affine-always",
             "compile_affine-epilogue", "inductor-max-autotune", "compile_affine-max-autotune")  # fmt: skip
@@ -47,6 +48,9 @@ class Variant:
     label: str = ""
     peak_mib: float | None = None
     """CUDA: the step's peak allocation above what was allocated before it."""
+    traffic_bytes: int | None = None
+    """Bytes the compiled forward and backward kernels read and write in one step, as
+    Inductor counts them (bench/traffic.py); None for eager."""
 
     @property
     def name(self) -> str:
@@ -160,7 +164,9 @@ class Runner:
         self._fwd_bwd(v)
         return (torch.cuda.max_memory_allocated(self.device) - before) / 2**20
 
-    def prepare(self, v: Variant, warmup: int) -> None:
+    def prepare(self, v: Variant, warmup: int, measure: bool = True) -> None:
+        """Compile ``v`` with its first step; ``measure`` False (traffic mode) stops there,
+        skipping the warmup, peak and saved-bytes steps."""
         progress(f"compiling {v.name} ...")
         compile_affine.reset()
         v.model.to(self.device).train(not self.inference)
@@ -172,10 +178,13 @@ class Runner:
             v.model = DistributedDataParallel(v.model, device_ids=ids)
         v.fn = compiled(v.model, v.backend, {**self.settings, **v.settings})
         # A fresh cache per variant: no variant reuses kernels another compiled.
-        with fresh_cache():
+        # Counting bytes is part of every variant's first step alike (Inductor walks its
+        # scheduler nodes once more per graph), so compile times stay comparable.
+        with fresh_cache(), counting() as traffic:
             t0 = time.perf_counter()
             self._fwd_bwd(v)
             v.compile_s = time.perf_counter() - t0
+        v.traffic_bytes = traffic.bytes if v.backend != "eager" else None
         report = compile_affine.report()
         if v.backend.startswith("compile_affine"):
             v.folds = f"{report.folded}/{len(report.sites)}"
@@ -184,6 +193,9 @@ class Runner:
             v.folds = "-"
         if report.epilogues:
             v.folds += f" +{report.fused_epilogues}/{len(report.epilogues)} epi"
+        if not measure:
+            progress(f"  {v.name}: folds {v.folds}, {(v.traffic_bytes or 0) / 2**20:.1f} MiB moved")
+            return
         for _ in range(warmup):
             self._fwd_bwd(v)
         v.peak_mib = self.peak_step_mib(v)
@@ -191,7 +203,8 @@ class Runner:
             with self.autocast():
                 v.saved_mib = saved_for_backward(lambda: v.fn(v.x)).mib
         own = "" if v.pass_s is None else f" (pass {v.pass_s:.2f}s)"
-        progress(f"  {v.name}: first step {v.compile_s:.1f}s{own}, folds {v.folds}")
+        moved = "" if v.traffic_bytes is None else f", {v.traffic_bytes / 2**20:.1f} MiB moved"
+        progress(f"  {v.name}: first step {v.compile_s:.1f}s{own}, folds {v.folds}{moved}")
 
     def run(self, variants: list[Variant], steps: int, warmup: int = 2) -> None:
         for v in variants:

@@ -321,6 +321,8 @@ def run_one(m: ZooModel, args, runner: ZooRunner) -> dict:
         "saved_mib_stock": round(stock.saved_mib, 2), "saved_mib_ours": round(ours.saved_mib, 2),
         "saved_ratio": round(ours.saved_mib / stock.saved_mib, 3) if stock.saved_mib else None,
         "compile_s_stock": round(stock.compile_s, 1), "compile_s_ours": round(ours.compile_s, 1),
+        "traffic_bytes": {"stock": stock.traffic_bytes, "ours": ours.traffic_bytes},
+        "traffic_ratio": round(ours.traffic_bytes / stock.traffic_bytes, 3) if stock.traffic_bytes else None,
         "fp32_vs_eager_ours": rel_errors(got["compile_affine"], eager),
         "fp32_vs_eager_stock": rel_errors(got["inductor"], eager),
         "vs_float64_eager": vs_f64,
@@ -365,7 +367,7 @@ def _e(v: float) -> str:
 
 
 COLUMNS = ("model", "input", "affine sites", "folded", "declined (cost)", "refused: top reasons", "saved ours/stock",
-           "step ours/stock", "fp32 vs eager, out/grad: ours; stock", "vs float64 eager: ours / stock / eager",
+           "step ours/stock", "moved ours/stock", "fp32 vs eager, out/grad: ours; stock", "vs float64 eager: ours / stock / eager",
            "float64 pass as FX (fold=always): out/grad, folded")  # fmt: skip
 
 
@@ -393,6 +395,7 @@ def table(rows: list[dict]) -> str:
         cells = [
             r["model"], "x".join(map(str, r["input"])), r["sites"], r["folded"], r["declined"], refused,
             "-" if r["saved_ratio"] is None else f"{r['saved_ratio']:.3f}", f"{r['step_ratio']:.3f}",
+            "-" if r.get("traffic_ratio") is None else f"{r['traffic_ratio']:.3f}",
             f"{_e(o[0])}/{_e(o[1])}; {_e(s[0])}/{_e(s[1])}", f"{_e(f['ours'])} / {_e(f['stock'])} / {_e(f['eager'])}",
             fx_cell,
         ]  # fmt: skip

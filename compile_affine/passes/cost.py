@@ -9,10 +9,14 @@ Folding trades activation-sized work for weight-sized work:
 * it adds ``W * s`` in forward, its recompute in backward, ``gW' * s`` and
   ``sum(gW' * W)``: about four weight-sized passes.
 
-So folding pays when the activation is large against the weight. The threshold,
-``Settings.min_activation_ratio``, defaults per device: on CPU it is calibrated with
-``python -m compile_affine.bench`` (docs/benchmarks.md); on CUDA it is derived from
-access counts and not yet measured (docs/design.md, "On GPU").
+So folding pays when the activation is large against the weight. Both sides are memory
+passes, so they are compared in bytes: the conv output's bytes (its dtype: 2 under bf16
+autocast) against the stored weight's (4 for fp32 parameters). The threshold,
+``Settings.min_activation_ratio``, is the activation bytes required per weight byte, and
+defaults per device: on CPU it is fitted to time with ``python -m compile_affine.bench``
+(docs/benchmarks.md; fitted in fp32, where bytes and elements give the same ratio); on
+CUDA it is the traffic break-even, the access-count ratio of what a fold adds against
+what it removes (docs/design.md, "On GPU").
 """
 
 from __future__ import annotations
@@ -26,33 +30,41 @@ from .sites import Site
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    activation_elems: int
-    weight_elems: int
+    activation_bytes: int
+    weight_bytes: int
     adds_weight_grad_conv: bool
     min_ratio: float
+    """Activation bytes required per weight byte."""
+
+    @property
+    def ratio(self) -> float:
+        return self.activation_bytes / self.weight_bytes if self.weight_bytes else math.inf
 
     @property
     def pays(self) -> bool:
         if self.adds_weight_grad_conv:
             return False
-        return self.activation_elems >= self.min_ratio * self.weight_elems
+        return self.activation_bytes >= self.min_ratio * self.weight_bytes
 
     def reason(self) -> str:
         if self.adds_weight_grad_conv:
             return "cost: fold needs a weight-gradient conv the model does not compute"
-        return f"cost: activation {self.activation_elems} < {self.min_ratio} x weight {self.weight_elems} elements"
+        return f"cost: activation {self.activation_bytes} < {self.min_ratio} x weight {self.weight_bytes} bytes"
 
     def short_reason(self) -> str:
-        """The reason in the user's terms, for the one-line summary."""
+        """The reason in the user's terms, for the one-line summary, with this site's numbers."""
         if self.adds_weight_grad_conv:
             return "would add a weight-gradient conv"
-        if self.min_ratio <= 1:
-            return "weight larger than activation"
-        return f"activation under {self.min_ratio}x the weight"
+        return f"activation {self.ratio:.3g}x the weight in bytes, under {self.min_ratio}"
 
 
 def _numel(val: torch.Tensor) -> int:
     return math.prod(smallest(s) for s in val.shape)
+
+
+def _nbytes(val: torch.Tensor) -> int:
+    dtype = getattr(val, "dtype", None)
+    return _numel(val) * (dtype.itemsize if isinstance(dtype, torch.dtype) else 4)
 
 
 def smallest(size: int | torch.SymInt) -> int:
@@ -79,8 +91,8 @@ def estimate(site: Site, min_ratio: float | None) -> Estimate:
     if min_ratio is None:
         min_ratio = default_min_activation_ratio(site.weight.meta["val"].device.type)
     return Estimate(
-        activation_elems=_numel(site.y.meta["val"]),
-        weight_elems=_numel(site.real_weight.meta["val"]),
+        activation_bytes=_nbytes(site.y.meta["val"]),
+        weight_bytes=_nbytes(site.real_weight.meta["val"]),
         adds_weight_grad_conv=site.grad_scale_sum is not None and not site.computes_weight_grad(),
         min_ratio=min_ratio,
     )
