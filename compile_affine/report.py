@@ -367,6 +367,8 @@ def restore(key: str) -> list[GraphRecord] | None:
     try:
         with open(path) as f:
             payload = json.load(f)
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used now: pruning keeps the most recently used records
         graphs = []
         for g in payload:
             g = dict(g, graph_name=next_graph_name(), cache_hit=True, restored=True, rank=_rank(), pass_s=0.0)

@@ -74,12 +74,6 @@ class Settings:
         if self.epilogue not in _EPILOGUE_POLICIES:
             raise ValueError(f"compile_affine option 'epilogue' must be one of {_EPILOGUE_POLICIES}, got {self.epilogue!r}")
 
-    def min_activation_ratio_for(self, device_type: str) -> float:
-        """The threshold in force for a site on ``device_type``: the user's, else the device's."""
-        if self.min_activation_ratio is not None:
-            return self.min_activation_ratio
-        return default_min_activation_ratio(device_type)
-
 
 def default_min_activation_ratio(device_type: str) -> float:
     return DEVICE_MIN_ACTIVATION_RATIO.get(device_type, CPU_MIN_ACTIVATION_RATIO)

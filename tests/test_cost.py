@@ -84,7 +84,7 @@ def _stub_site(device: str, activation: tuple, weight: tuple, activation_dtype=t
 
 def test_default_threshold_is_per_device():
     from compile_affine.passes import cost
-    from compile_affine.settings import CPU_MIN_ACTIVATION_RATIO, CUDA_MIN_ACTIVATION_RATIO
+    from compile_affine.settings import CPU_MIN_ACTIVATION_RATIO, CUDA_MIN_ACTIVATION_RATIO, default_min_activation_ratio
 
     assert Settings().min_activation_ratio is None
     assert CPU_MIN_ACTIVATION_RATIO <= 1.0 < CUDA_MIN_ACTIVATION_RATIO
@@ -97,8 +97,7 @@ def test_default_threshold_is_per_device():
     # An explicit value wins on every device; other devices take the CPU value.
     assert cost.estimate(_stub_site("cuda", **shapes), 1.0).pays
     assert cost.estimate(_stub_site("meta", **shapes), None).min_ratio == CPU_MIN_ACTIVATION_RATIO
-    assert Settings(min_activation_ratio=2.0).min_activation_ratio_for("cuda") == 2.0
-    assert Settings().min_activation_ratio_for("cuda") == CUDA_MIN_ACTIVATION_RATIO
+    assert default_min_activation_ratio("cuda") == CUDA_MIN_ACTIVATION_RATIO
 
 
 def test_cpu_site_between_the_device_defaults_folds():
