@@ -23,10 +23,22 @@ class Affine2d(nn.Module):
         return x * self.weight + self.bias
 
 
+class Scale2d(nn.Module):
+    """The forum user's exact layer: ``x * w``, "I do not add a bias"."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
 NORMS: dict[str, Callable[[int], nn.Module]] = {
     "none": lambda c: nn.Identity(),
     "bn": nn.BatchNorm2d,
     "affine": Affine2d,
+    "scale": Scale2d,
 }
 
 
