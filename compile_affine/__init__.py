@@ -4,6 +4,7 @@ convolution that produces them, in training and inference.
     model = torch.compile(model, backend="compile_affine")
 """
 
+import torch._dynamo
 import torch._logging._internal
 
 from .backend import backend
@@ -17,6 +18,22 @@ from .settings import Settings
 # and enables a log named after an importable module, so the env var works either way;
 # registering makes the name a known alias.
 torch._logging._internal.register_log("compile_affine", "compile_affine")
+
+
+def _register_by_name() -> None:
+    """``backend="compile_affine"`` by name from a plain checkout on PYTHONPATH, where no
+    entry point is installed (the GPU machine installs nothing): importing the package
+    registers it, once. Where the entry point is installed, torch registers it on first
+    lookup, and a name registered here too would make that lookup fail as a duplicate."""
+    from importlib.metadata import entry_points
+
+    if any(ep.name == "compile_affine" for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    if "compile_affine" not in torch._dynamo.backends.registry._COMPILER_FNS:
+        torch._dynamo.register_backend(backend, name="compile_affine")
+
+
+_register_by_name()
 
 __version__ = "0.1.0"
 __all__ = ["backend", "explain", "report", "reset", "Report", "Settings", "__version__"]

@@ -29,12 +29,18 @@ def backend(
     *,
     mode: str | None = None,
     options: dict[str, Any] | None = None,
+    **torch_kwargs: Any,
 ) -> Callable:
     """``torch.compile(model, backend="compile_affine", mode=..., options=...)``.
 
     ``options["compile_affine"]`` holds our settings; all other options and ``mode``
-    configure Inductor exactly as they would for ``backend="inductor"``.
+    configure Inductor exactly as they would for ``backend="inductor"``. Other keyword
+    arguments are what newer torch forwards to custom backends (``name=``):
+    accepted and ignored, as Inductor ignores them. Our own options are checked in
+    ``options`` (an unknown key there still raises).
     """
+    if torch_kwargs:
+        log.debug("ignoring torch.compile's %s for the backend", ", ".join(sorted(torch_kwargs)))
     settings, inductor_options = split_options(options)
     # Validates Inductor options and expands ``mode`` the same way backend="inductor" does.
     inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)

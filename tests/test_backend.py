@@ -1,6 +1,8 @@
 """The backend's contract: found by name, options and mode honoured, env var, fallback."""
 
 import functools
+import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -178,3 +180,64 @@ def test_fx_graph_cache_keeps_working():
     assert counters["inductor"]["fxgraph_cache_hit"] >= 1
     assert "Unsupported joint custom pass" not in str(dict(counters["inductor"]))
     assert [g.folded for g in compile_affine.report().graphs] == [1, 1]
+
+
+def test_backend_accepts_what_newer_torch_forwards_and_still_rejects_our_unknown_options():
+    """torch forwards ``name=`` (and may add more) to custom backends."""
+    import functools
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1))
+    x = torch.randn(1, 3, 4, 4)
+    out = torch.compile(model, backend=functools.partial(compile_affine.backend, name="x", future_kwarg=1))(x)
+    torch.testing.assert_close(out, model(x))
+    torch._dynamo.reset()
+    bad = functools.partial(compile_affine.backend, name="x", options={"compile_affine": {"bogus": 1}})
+    with pytest.raises(Exception, match="unknown compile_affine option 'bogus'"):
+        torch.compile(model, backend=bad)(x)
+
+
+def test_backend_name_resolves_from_a_checkout_without_the_entry_point():
+    """The GPU machine runs a plain checkout on PYTHONPATH with nothing installed: importing
+    the package registers the name, and twice is harmless. (Where the entry point is
+    installed, every other test compiles by name through it.)"""
+    root = pathlib.Path(compile_affine.__file__).resolve().parent.parent
+    code = "\n".join([
+        "import importlib.metadata as md, torch",
+        "md.entry_points = lambda **kw: md.EntryPoints(())  # as if the package were not installed",
+        "try:",
+        "    torch.compile(torch.nn.Linear(2, 2), backend='compile_affine')(torch.randn(1, 2)); print('found without import')",
+        "except Exception as e:",
+        "    print(type(e).__name__)",
+        "import compile_affine, importlib; importlib.reload(compile_affine)",
+        "m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1))",
+        "torch.compile(m, backend='compile_affine')(torch.randn(1, 3, 4, 4)).sum().backward()",
+        "print('compiled', compile_affine.__file__)",
+    ])  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(root), timeout=600)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "InvalidBackend" in lines[0] or "BackendCompilerFailed" in lines[0], lines
+    assert lines[-1].startswith("compiled ") and str(root) in lines[-1], lines
+
+
+def test_a_cpu_zero_d_scale_for_a_cuda_site_is_moved_to_the_site_device():
+    """``self.alpha = torch.tensor(.5)`` kept on the CPU beside a CUDA conv: eager allows a
+    0-d CPU tensor with any device's, so the folded weight's per-channel vector must be on
+    the conv's device (it would mix devices and raise). Checked on fake CUDA tensors, which
+    need no GPU; the cuda differential tests cover it on a GPU."""
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from compile_affine.passes.rewrite.common import Emitter, per_channel
+
+    graph = fx.Graph()
+    conv, alpha = graph.placeholder("conv"), graph.placeholder("alpha")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        conv.meta["val"] = torch.empty(2, 4, 3, 3, device="cuda")
+        alpha.meta["val"] = torch.empty((), device="cpu")
+    with graph.inserting_after(alpha):
+        s_c = per_channel(Emitter(graph, conv), alpha, 4, torch.device("cuda", 0), torch.float32)
+    assert s_c.meta["val"].device.type == "cuda" and tuple(s_c.meta["val"].shape) == (4,)
+    assert any(n.target is torch.ops.aten._to_copy.default for n in graph.nodes)
+    assert mode is not None

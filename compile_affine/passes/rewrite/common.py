@@ -60,6 +60,10 @@ def per_channel(emit: Emitter, operand: Operand, channels: int, device: torch.de
     if not isinstance(operand, fx.Node):
         return emit(aten.full.default, [channels], float(operand), dtype=dtype, device=device, pin_memory=False)
     flat = emit(aten.reshape.default, operand, [-1])
+    if flat.meta["val"].device != device:
+        # Only a 0-d CPU tensor may meet another device's tensor in eager (``self.alpha =
+        # torch.tensor(.5)`` on a CUDA model); the folded weight needs it on that device.
+        flat = emit(aten._to_copy.default, flat, device=device)
     if flat.meta["val"].shape[0] != channels:
         flat = emit(aten.expand.default, flat, [channels])
     return emit.upcast(flat)
