@@ -4,17 +4,21 @@
 #   make test-min   the test suite on torch 2.11.0, the oldest release pyproject.toml accepts
 #   make gpu-check  on a GPU machine: cuda tests and the GPU benchmark, results in $OUT
 #                   (else gpu-check-out/); ARGS=--dry-run runs it on CPU at tiny sizes
+#   make gpu-twin   the dry run on a twin of the GPU machine's interpreter (torch 2.11, no
+#                   expecttest, this project not installed); .ci/run runs it after the tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MIN_VENV ?= .venv-min
 MIN_STAMP := $(MIN_VENV)/.installed
+TWIN_VENV ?= .venv-twin
+TWIN_STAMP := $(TWIN_VENV)/.installed
 # gpu-check installs nothing (the GPU machine has no network): it runs on an interpreter
 # that already holds torch, this checkout's venv if there is one, else $(PYTHON).
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 
-.PHONY: bench test test-min gpu-check install clean
+.PHONY: bench test test-min gpu-check gpu-twin install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +29,12 @@ $(MIN_STAMP): pyproject.toml constraints-min.txt
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints-min.txt -e '.[test,bench]'
 	touch $(MIN_STAMP)
+
+# Installs packages only, never this project: the checkout reaches Python through PYTHONPATH.
+$(TWIN_STAMP): constraints-twin.txt
+	$(PYTHON) -m venv $(TWIN_VENV)
+	$(TWIN_VENV)/bin/pip install --quiet --disable-pip-version-check -r constraints-twin.txt
+	touch $(TWIN_STAMP)
 
 install: $(STAMP)
 
@@ -40,5 +50,8 @@ test-min: $(MIN_STAMP)
 gpu-check:
 	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m compile_affine.bench.gpu_check $(ARGS)
 
+gpu-twin: $(TWIN_STAMP)
+	$(MAKE) gpu-check GPU_PYTHON=$(TWIN_VENV)/bin/python ARGS="--dry-run $(ARGS)"
+
 clean:
-	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .hypothesis gpu-check-out
+	rm -rf $(VENV) $(MIN_VENV) $(TWIN_VENV) .pytest_cache .hypothesis gpu-check-out

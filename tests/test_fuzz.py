@@ -29,6 +29,10 @@ settings.register_profile(
     "ci", max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
 )
 settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+# make gpu-check runs the cuda variants inside a time budget: a few examples each.
+settings.register_profile(
+    "gpu-check", max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 LEGAL_SCALES = ("channel", "flat", "python", "zero_dim", "one", "channel_buffer")
