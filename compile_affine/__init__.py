@@ -2,6 +2,12 @@
 convolution that produces them, in training and inference.
 
     model = torch.compile(model, backend="compile_affine")
+
+or, for code that compiles with the default backend (frameworks that accept only their
+own backend names):
+
+    compile_affine.install()
+    model = torch.compile(model)
 """
 
 import torch._dynamo
@@ -9,6 +15,7 @@ import torch._logging._internal
 
 from .backend import backend
 from .explain import explain
+from .install import install, installed, uninstall
 from .report import Report, report, reset
 from .settings import Settings
 
@@ -36,4 +43,4 @@ def _register_by_name() -> None:
 _register_by_name()
 
 __version__ = "0.1.0"
-__all__ = ["backend", "explain", "report", "reset", "Report", "Settings", "__version__"]
+__all__ = ["backend", "explain", "install", "installed", "uninstall", "report", "reset", "Report", "Settings", "__version__"]

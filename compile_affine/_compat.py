@@ -51,15 +51,18 @@ def joint_passes(passes: Sequence[Any]) -> Any:
     return list(passes) if PASS_LISTS else _PassChain(passes)
 
 
-_WRAPPER_TAKES_PATCHES = "config_patches" in inspect.signature(torch._TorchCompileInductorWrapper.__call__).parameters
+STOCK_INDUCTOR_CALL = torch._TorchCompileInductorWrapper.__call__
+"""What ``backend="inductor"`` runs, taken before ``install()`` can route it through us."""
+_WRAPPER_TAKES_PATCHES = "config_patches" in inspect.signature(STOCK_INDUCTOR_CALL).parameters
 
 
 def compile_inductor(inductor: Any, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                      config_patches: dict[str, Any]) -> Any:  # fmt: skip
-    """``inductor(gm, inputs, config_patches=...)``: newer wrappers take extra patches;
-    on 2.11 call compile_fx with the wrapper's config and ours merged, as they do."""
+    """Stock ``inductor(gm, inputs, config_patches=...)``, whether or not ``install()`` is
+    active: newer wrappers take extra patches; on 2.11 call compile_fx with the wrapper's
+    config and ours merged, as they do."""
     if _WRAPPER_TAKES_PATCHES:
-        return inductor(gm, example_inputs, config_patches=config_patches)
+        return STOCK_INDUCTOR_CALL(inductor, gm, example_inputs, config_patches=config_patches)
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs, config_patches={**inductor.config, **config_patches})

@@ -12,7 +12,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import report
+from . import records, report
 from ._compat import compile_inductor, get_custom_graph_passes, joint_passes
 from .passes.fold import AffineFoldError, AffineFoldPass
 from .passes.sites import InputMutations
@@ -44,11 +44,20 @@ def backend(
     settings, inductor_options = split_options(options)
     # Validates Inductor options and expands ``mode`` the same way backend="inductor" does.
     inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)
+    return compile_with_pass(inductor, gm, example_inputs, settings)
+
+
+def compile_with_pass(inductor: Any, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                      settings: Settings, config_patches: dict[str, Any] | None = None) -> Callable:
+    """Compile ``gm`` with ``inductor`` (a ``torch._TorchCompileInductorWrapper``: mode and
+    options already applied) and the fold pass chained after its joint passes. The named
+    backend and ``install()`` both come here, so they fold, fall back and report alike."""
+    config = {**inductor.config, **(config_patches or {})}
     if not settings.enabled:
-        return inductor(gm, example_inputs)
+        return compile_inductor(inductor, gm, example_inputs, config_patches or {})
     fold_pass = AffineFoldPass(settings, mutated_inputs(gm))
-    passes = _chain(inductor.config, fold_pass)
-    patches = {"joint_custom_pre_pass": joint_passes(passes)}
+    passes = _chain(config, fold_pass)
+    patches = {**(config_patches or {}), "joint_custom_pre_pass": joint_passes(passes)}
     try:
         compiled = compile_inductor(inductor, gm, example_inputs, patches)
     except Exception as e:
@@ -57,25 +66,26 @@ def backend(
             raise
         _warn_once(error)
         report.record(report.GraphRecord(graph_name=report.next_graph_name(), training=False, fell_back=str(error)))
-        return inductor(gm, example_inputs)
-    key = records_key(gm, example_inputs, passes, mode, inductor_options)
+        return compile_inductor(inductor, gm, example_inputs, config_patches or {})
+    key = records_key(gm, example_inputs, passes, config)
     if fold_pass.calls:
-        report.persist(key, fold_pass.records)
+        records.persist(key, fold_pass.records)
     else:
         # AOTAutograd's cache served the graph, so the pass did not run this time: report
         # what the compile that made the entry recorded, if it left its records.
-        restored = report.restore(key)
+        restored = records.restore(key)
         for graph in restored or [report.GraphRecord(graph_name=report.next_graph_name(), training=False, cache_hit=True)]:
             report.record(graph)
     return compiled
 
 
 def records_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], passes: Sequence[Any],
-                mode: str | None, inductor_options: dict[str, Any]) -> str:
+                inductor_config: dict[str, Any]) -> str:
     """The key the pass's records are kept under beside the cache: what AOTAutograd's
     cache key covers that can change the pass's decisions (the Dynamo graph, the inputs'
     metadata and the ranges of their symbolic sizes, grad and autocast modes, every joint
-    pass's uuid, ours hashing its sources, settings and mutations, and the options)."""
+    pass's uuid, ours hashing its sources, settings and mutations, and Inductor's config
+    as ``mode`` and ``options`` set it)."""
 
     def meta(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -90,9 +100,9 @@ def records_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], passes:
     env = ctx.fake_mode.shape_env if ctx is not None and ctx.fake_mode is not None else None
     ranges = sorted((str(k), str(v)) for k, v in env.var_to_range.items()) if env is not None else None
     autocast = [(d, torch.is_autocast_enabled(d), str(torch.get_autocast_dtype(d))) for d in ("cpu", "cuda")]
-    parts = (torch.__version__, report.RECORDS_LAYOUT, [pass_id(p) for p in passes], gm.code,
-             [meta(x) for x in example_inputs], ranges, torch.is_grad_enabled(), autocast, mode,
-             sorted(map(str, inductor_options.items())))  # fmt: skip
+    parts = (torch.__version__, records.RECORDS_LAYOUT, [pass_id(p) for p in passes], gm.code,
+             [meta(x) for x in example_inputs], ranges, torch.is_grad_enabled(), autocast,
+             sorted((k, str(v)) for k, v in inductor_config.items() if k != "joint_custom_pre_pass"))  # fmt: skip
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
@@ -128,9 +138,9 @@ _VIEW_OPS = {"view", "reshape", "transpose", "permute", "expand", "__getitem__",
              "unbind", "diagonal", "movedim", "detach"}  # fmt: skip
 
 
-def _chain(inductor_options: dict[str, Any], ours: AffineFoldPass) -> list:
+def _chain(config: dict[str, Any], ours: AffineFoldPass) -> list:
     """Keep any joint pre-pass the user already set (globally or in options); ours runs last."""
-    existing = inductor_options.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass)
+    existing = config.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass)
     return [*get_custom_graph_passes(existing), ours]
 
 

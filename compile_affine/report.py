@@ -7,8 +7,7 @@ of a model). Only affines the user wrote are sites: the multiplies and
 adds inside another op's decomposition (GELU's ``x * 0.5``, LayerNorm's ``x * rstd``)
 are counted per graph (``GraphRecord.internal``) and named at DEBUG level, not listed.
 
-Each compile's records are also written beside Inductor's caches (``persist`` /
-``restore``), so a graph that AOTAutograd's cache serves in a later process, where the
+Each compile's records are also written beside Inductor's caches (``records.py``), so a graph that AOTAutograd's cache serves in a later process, where the
 pass does not run, still reports the sites and decisions it was compiled with.
 """
 
@@ -17,12 +16,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import json
 import logging
-import os
 import threading
 from collections import Counter
-from typing import Any, Iterator
+from typing import Iterator
 
 log = logging.getLogger("compile_affine")
 
@@ -282,10 +279,30 @@ def record(graph: GraphRecord) -> None:
     for captured in _captures.get():
         captured.append(graph)
     log.info("%s", graph.summary())
+    _notice(graph)
     if graph.internal:
         log.debug("%s: left out %d multiplies/adds written by decompositions of other ops (%s)",
                   graph.graph_name, sum(graph.internal.values()),
                   ", ".join(f"{op}: {n}" for op, n in sorted(graph.internal.items())))
+
+
+notice_log = logging.getLogger("compile_affine.notice")
+"""The one line a user sees by default (WARNING reaches stderr with logging unconfigured).
+Off: ``logging.getLogger("compile_affine.notice").disabled = True``."""
+_noticed = False
+
+
+def _notice(graph: GraphRecord) -> None:
+    """Once per process, on the first graph with sites: how many folded, and where to
+    look. Without it, HF, Lightning and plain scripts (no logging set up) show nothing."""
+    global _noticed
+    with _lock:
+        if _noticed or not graph.sites:
+            return
+        _noticed = True
+    n = len(graph.sites)
+    notice_log.warning("compile_affine: %d affine layer%s, %d folded; compile_affine.report() or "
+                       "TORCH_LOGS=+compile_affine for details", n, "s" if n != 1 else "", graph.folded)
 
 
 @contextlib.contextmanager
@@ -308,85 +325,3 @@ def report() -> Report:
 def reset() -> None:
     with _lock:
         _graphs.clear()
-
-
-# --- records beside the cache ---------------------------------------------------------
-
-def _records_dir() -> str:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return os.path.join(cache_dir(), "compile_affine")
-
-
-def persist(key: str, graphs: list[GraphRecord]) -> None:
-    """Keep what this compile recorded beside Inductor's caches under ``key`` (see
-    ``backend.records_key``). Best effort: a read-only cache dir only costs the report."""
-    payload = [dataclasses.asdict(g) for g in graphs]
-    path = os.path.join(_records_dir(), f"{key}.json")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, default=str)
-        os.replace(tmp, path)
-    except OSError as e:
-        log.debug("could not keep the report beside the cache: %s", e)
-        return
-    prune_records(os.path.dirname(path))
-
-
-MAX_RECORDS = 2000
-"""Record files ``persist`` keeps (each a few KiB): the newest by mtime. A pruned record
-only costs the report of a later cache hit ("served from cache; no records")."""
-
-
-def prune_records(folder: str, keep: int | None = None) -> int:
-    """Delete all but the ``keep`` (default ``MAX_RECORDS``) newest ``*.json`` records in
-    ``folder``; returns how many went. Best effort and race-tolerant: another process may
-    prune or write alongside."""
-    keep = MAX_RECORDS if keep is None else keep
-    try:
-        with os.scandir(folder) as entries:
-            records = [(e.stat().st_mtime, e.path) for e in entries if e.name.endswith(".json") and e.is_file()]
-    except OSError:
-        return 0
-    if len(records) <= keep:
-        return 0
-    records.sort(reverse=True)
-    removed = 0
-    for _, path in records[keep:]:
-        with contextlib.suppress(OSError):
-            os.remove(path)
-            removed += 1
-    return removed
-
-
-def restore(key: str) -> list[GraphRecord] | None:
-    """The records ``persist`` kept under ``key``, renamed for this process; None if absent."""
-    path = os.path.join(_records_dir(), f"{key}.json")
-    try:
-        with open(path) as f:
-            payload = json.load(f)
-        with contextlib.suppress(OSError):
-            os.utime(path)  # used now: pruning keeps the most recently used records
-        graphs = []
-        for g in payload:
-            g = dict(g, graph_name=next_graph_name(), cache_hit=True, restored=True, rank=_rank(), pass_s=0.0)
-            g["sites"] = [SiteRecord(**_tuples(s)) for s in g["sites"]]
-            g["epilogues"] = [EpilogueRecord(**_tuples(e)) for e in g["epilogues"]]
-            graphs.append(GraphRecord(**g))
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # unreadable or from another layout: the report says it has none
-        log.debug("ignoring the kept report %s: %s: %s", path, type(e).__name__, e)
-        return None
-    return graphs
-
-
-RECORDS_LAYOUT = tuple(f.name for cls in (GraphRecord, SiteRecord, EpilogueRecord) for f in dataclasses.fields(cls))
-"""Part of the key the records are kept under: a changed record layout never reads old files."""
-
-
-def _tuples(fields: dict[str, Any]) -> dict[str, Any]:
-    """JSON gives lists where the records hold shape tuples."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}

@@ -120,7 +120,7 @@ def test_records_key_covers_autocast():
     from compile_affine.backend import AffineFoldPass, records_key
 
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3)))
-    args = (gm, [torch.randn(1, 3, 5, 5)], [AffineFoldPass(Settings())], None, {})
+    args = (gm, [torch.randn(1, 3, 5, 5)], [AffineFoldPass(Settings())], {})
     plain = records_key(*args)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert records_key(*args) != plain
@@ -128,10 +128,11 @@ def test_records_key_covers_autocast():
 
 
 def test_an_unreadable_kept_report_is_ignored(tmp_path, monkeypatch):
-    report = sys.modules["compile_affine.report"]
-    monkeypatch.setattr(report, "_records_dir", lambda: str(tmp_path))
+    from compile_affine import records
+
+    monkeypatch.setattr(records, "_records_dir", lambda: str(tmp_path))
     (tmp_path / "k1.json").write_text(json.dumps([{"graph_name": "g", "training": True, "an_old_field": 1}]))
     (tmp_path / "k2.json").write_text("{not json")
     (tmp_path / "k3.json").write_text(json.dumps({"not": "a list"}))
-    assert [report.restore(k) for k in ("k1", "k2", "k3", "missing")] == [None] * 4
+    assert [records.restore(k) for k in ("k1", "k2", "k3", "missing")] == [None] * 4
     assert os.listdir(tmp_path)  # left in place; the next compile of that key rewrites it

@@ -1,11 +1,8 @@
 """The on-disk records folder is bounded: ``persist`` keeps the newest files only."""
 
 import os
-import sys
 
-import compile_affine.report  # noqa: F401  (the package's ``report`` name is the function)
-
-report = sys.modules["compile_affine.report"]
+from compile_affine import records
 
 
 def test_prune_keeps_the_newest_by_mtime(tmp_path):
@@ -14,17 +11,17 @@ def test_prune_keeps_the_newest_by_mtime(tmp_path):
         path.write_text("[]")
         os.utime(path, (1000 + i, 1000 + i))
     (tmp_path / "other.txt").write_text("not a record")
-    assert report.prune_records(str(tmp_path), keep=4) == 2
+    assert records.prune_records(str(tmp_path), keep=4) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k2.json", "k3.json", "k4.json", "k5.json", "other.txt"]
-    assert report.prune_records(str(tmp_path), keep=4) == 0
-    assert report.prune_records(str(tmp_path / "missing")) == 0
+    assert records.prune_records(str(tmp_path), keep=4) == 0
+    assert records.prune_records(str(tmp_path / "missing")) == 0
 
 
 def test_persist_prunes(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "_records_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(report, "MAX_RECORDS", 3)
+    monkeypatch.setattr(records, "_records_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(records, "MAX_RECORDS", 3)
     for i in range(5):
-        report.persist(f"key{i}", [])
+        records.persist(f"key{i}", [])
         os.utime(tmp_path / f"key{i}.json", (1000 + i, 1000 + i))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["key2.json", "key3.json", "key4.json"]
-    assert report.restore("key4") == []
+    assert records.restore("key4") == []

@@ -127,8 +127,9 @@ def test_second_process_on_a_warm_cache_reports_the_same_sites(tmp_path):
 
 
 def test_a_cache_hit_without_records_says_so(monkeypatch):
-    # ``compile_affine.report`` is the function; the module is in sys.modules.
-    monkeypatch.setattr(sys.modules["compile_affine.report"], "restore", lambda key: None)
+    from compile_affine import records
+
+    monkeypatch.setattr(records, "restore", lambda key: None)
     from torch._inductor.utils import fresh_cache
 
     caches = dict(fx_graph_cache=True)
