@@ -5,13 +5,16 @@ Nothing here looks at the times."""
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import compile_affine.bench.gpu_check as gpu_check
+from compile_affine.bench.kernels import CLASSES, kernel_class
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,11 +31,19 @@ def test_dry_run_writes_every_section(tmp_path):
     assert result["device"] == "cpu" and result["thresholds"]["cuda"] > 0
     sections = result["sections"]
     assert list(sections) == list(gpu_check.SECTIONS)
-    assert sections["tests"]["status"] == "ok"
-    assert sections["finetune"]["status"] in ("checked", "skipped")
-    rows = {r["variant"]: r for r in sections["resnet"]["rows"]}
-    assert set(rows) == {f"{n} / {b}" for n, b in gpu_check.RESNET_VARIANTS}
-    assert rows["affine / compile_affine"]["folds"] not in ("-", "") and not rows["affine / compile_affine"]["folds"].startswith("0/")
+    assert {n: s["status"] for n, s in sections.items()} == dict.fromkeys(gpu_check.SECTIONS, "ok")
+    for section, pairs in (("resnet", gpu_check.RESNET_VARIANTS), ("resnet-fp32", gpu_check.RESNET_VARIANTS),
+                           ("finetune", gpu_check.FINETUNE_VARIANTS)):  # fmt: skip
+        rows = {r["variant"]: r for r in sections[section]["rows"]}
+        assert set(rows) == {f"{n} / {b}" for n, b in pairs}
+        # One profiled step per variant, split by kernel class.
+        assert all(set(r) >= {f"{c} ms" for c in CLASSES} for r in rows.values())
+        ours = rows[next(f"{n} / {b}" for n, b in pairs if b == "compile_affine")]
+        folds = ours["folds"]
+        # Under autocast an eval-mode batch norm is refused; the finetune section runs fp32.
+        assert folds not in ("-", "") and not folds.startswith("0/"), (section, folds)
+        assert all(r["traffic_bytes"] > 0 for r in rows.values())
+    assert "bf16 autocast, channels_last" in sections["resnet"]["rows"][0]["scenario"]
     assert all(r["step_ms"] > 0 for s in ("resnet", "blocks", "max-autotune") for r in sections[s]["rows"])
     autotune = {r["variant"]: r for r in sections["max-autotune"]["rows"]}
     assert autotune["affine / compile_affine-max-autotune"]["folds"] == "1/1"
@@ -65,5 +76,31 @@ def test_unknown_section_is_refused(tmp_path):
 def test_gpu_blocks_bracket_the_gpu_default():
     from compile_affine.settings import CUDA_MIN_ACTIVATION_RATIO
 
-    ratios = [gpu_check._act_per_weight(s) for s in gpu_check.GPU_BLOCKS]
+    ratios = [gpu_check._act_per_weight(s, torch.bfloat16) for s in gpu_check.GPU_BLOCKS]  # as they run
     assert min(ratios) < CUDA_MIN_ACTIVATION_RATIO / 2 and max(ratios) > 2 * CUDA_MIN_ACTIVATION_RATIO
+
+
+def test_a_run_killed_mid_way_leaves_the_sections_it_finished(tmp_path):
+    """SIGKILL after the first section: its JSON and table are already on disk, whole."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OUT": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "compile_affine.bench.gpu_check", "--dry-run", "--only", "blocks,resnet"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    path, deadline = tmp_path / "gpu-check.json", time.monotonic() + 600
+    try:
+        while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    result = json.loads(path.read_text())
+    assert result["sections"]["blocks"]["status"] == "ok" and result["sections"]["blocks"]["rows"]
+    assert "## blocks: ok" in (tmp_path / "gpu-check.md").read_text()
+
+
+def test_kernel_classes():
+    assert kernel_class("triton_poi_fused_add_mul_relu_0") == "triton pointwise"
+    assert kernel_class("triton_red_fused_sum_1") == kernel_class("triton_per_fused_sum_2") == "triton reduction"
+    assert kernel_class("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert kernel_class("cudnn::engines_precompiled::nchwToNhwcKernel") == "convolution"
+    assert kernel_class("Memcpy DtoD (Device -> Device)") == "other"

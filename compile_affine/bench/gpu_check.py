@@ -1,27 +1,34 @@
 """``python -m compile_affine.bench.gpu_check [--dry-run]`` (``make gpu-check``): what a
 lent GPU machine runs, as one command that fits in 8 minutes with cold caches.
 
-Sections, most important first (the plan, with estimated seconds, is printed first);
-each is skipped, and says why, when the time budget cannot hold it, and the blocks stop
-between shapes at the deadline, saying how many they left out:
+Sections, most important first; the plan, with estimated seconds, is printed first. Each
+section has a deadline (its share of the budget, at most what is left) and stops itself
+there: no further shape or variant is compiled once the slowest so far would overrun it,
+and timing rounds stop at it; its table then says "partial" and what it left out.
 
 1. blocks: conv -> affine -> relu blocks at ResNet-50 stage shapes (batch 32), from
    activation-heavy to weight-heavy, stock Inductor against every site folded: where
    folding starts to pay on this GPU, the number ``settings.CUDA_MIN_ACTIVATION_RATIO``
    only derives;
-2. resnet: the seed's ResNet-50, batch 32 at 224 px, training steps, as none/inductor,
-   affine/inductor, affine/compile_affine and bn/inductor;
-3. finetune: ``python -m compile_affine.bench finetune`` (eval-mode BatchNorm), if that
-   mode exists in this checkout;
+2. resnet: the seed's ResNet-50 as GPU users train it, bf16 autocast and channels_last,
+   batch 32 at 224 px: affine/inductor, affine/compile_affine, none/inductor, bn/inductor,
+   with a torch.profiler split of one step's device time by kernel class per variant;
+3. finetune: ResNet-50 with every BatchNorm in eval mode (fp32, channels_last: under
+   autocast compile_affine refuses eval-mode batch norms), stock Inductor, compile_affine,
+   Inductor's own efficient_conv_bn_eval, and the no-norm floor;
 4. max-autotune: one block shape under ``mode="max-autotune-no-cudagraphs"`` (Triton
    conv templates, the affine in their epilogue), stock and ours;
-5. tests: the suite's device-parametrized tests on cuda (``pytest -k cuda``), the fuzzers
+5. resnet-fp32: the seed's ResNet-50 in fp32, if the budget still allows;
+6. tests: the suite's device-parametrized tests on cuda (``pytest -k cuda``), the fuzzers
    at a short hypothesis profile.
 
+Variants share one Inductor/Triton cache, so a kernel several variants need compiles
+once (compile times are then not comparable between variants; the CPU benchmark's are).
 Every row carries ``traffic_bytes``, the bytes Inductor counts for the compiled step.
 gpu-check.json and gpu-check.md are rewritten (atomically) after every section, so a run
-killed at its time limit leaves every finished section. Writes gpu-check.json, gpu-check.md, gpu-check.png, gpu-check-tests.log (and
-finetune.json) into ``$OUT`` if set, else ``gpu-check-out/``. Step times come from CUDA
+killed at its time limit leaves every finished section. Writes gpu-check.json,
+gpu-check.md, gpu-check.png and gpu-check-tests.log into ``$OUT`` if set, else
+``gpu-check-out/``. Step times come from CUDA
 events, medians over interleaved steps; peak memory from torch.cuda.max_memory_allocated.
 Without a CUDA device it says so and exits 0. ``--dry-run`` runs the same sections on
 CPU at tiny sizes; ``make gpu-twin`` (in CI) runs that on the GPU machine's interpreter.
@@ -30,10 +37,8 @@ CPU at tiny sizes; ``make gpu-twin`` (in CI) runs that on the GPU machine's inte
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
-import io
 import json
 import os
 import pathlib
@@ -47,10 +52,14 @@ import torch
 
 from .. import settings as ca_settings
 from . import __main__ as bench
-from .models import NORMS, BlockShape, resnet50
+from .kernels import CLASSES, profile_step
+from .models import NORMS, BlockShape, NormEval, resnet50, resnet50_finetune
 from .runner import Runner, Variant, configure_compile, machine
 
-RESNET_VARIANTS = (("none", "inductor"), ("affine", "inductor"), ("affine", "compile_affine"), ("bn", "inductor"))
+# Within a section, variants are compiled in this order until its deadline: the ones that
+# answer the question first (stock against ours on the same net), then the references.
+RESNET_VARIANTS = (("affine", "inductor"), ("affine", "compile_affine"), ("none", "inductor"), ("bn", "inductor"))
+FINETUNE_VARIANTS = (("bn", "inductor"), ("bn", "compile_affine"), ("bn", "inductor-conv_bn_eval"), ("none", "inductor"))
 BLOCK_VARIANTS = (("affine", "inductor"), ("affine", "compile_affine-always"))
 AUTOTUNE_VARIANTS = (("affine", "inductor"), ("affine", "inductor-max-autotune"), ("affine", "compile_affine-max-autotune"))
 
@@ -72,7 +81,6 @@ TINY_BLOCKS = [BlockShape("3x3 c8 @16 b2", 8, 16, 3, 2, depth=1)]
 class Plan:
     device: str
     budget_s: float
-    tests_cap_s: float
     resnet_batch: int
     resnet_res: int
     tiny_resnet: bool
@@ -80,29 +88,29 @@ class Plan:
     warmup: int
     blocks: list
     autotune: list
-    run_finetune: bool
-    """False: check that the finetune mode takes our flags, do not run it (a ResNet-50
-    compile per variant takes minutes on CPU)."""
-    needs_s: dict
-    """Seconds a section needs left in the budget to start (rough: one cold ResNet-50
-    compile on the GPU machine is assumed to take under a minute)."""
+    share_s: dict
+    """The most seconds each section may take (its deadline, at most the budget's end)."""
+    start_s: dict
+    """Seconds a section needs left in the budget to start at all."""
+    estimate_s: dict
+    """Rough seconds per section with cold caches, printed as the plan."""
 
 
-GPU_PLAN = Plan("cuda", budget_s=450, tests_cap_s=120, resnet_batch=32, resnet_res=224, tiny_resnet=False,
-                steps=30, warmup=5, blocks=GPU_BLOCKS, autotune=GPU_BLOCKS[1:2], run_finetune=True,
-                needs_s={"resnet": 150, "blocks": 20, "finetune": 150, "max-autotune": 60})  # fmt: skip
-# Every section runs, whatever the time: the dry run exists to prove each one works.
-DRY_PLAN = Plan("cpu", budget_s=3600, tests_cap_s=300, resnet_batch=2, resnet_res=16, tiny_resnet=True,
-                steps=2, warmup=0, blocks=TINY_BLOCKS, autotune=TINY_BLOCKS, run_finetune=False,
-                needs_s={"resnet": 0, "blocks": 0, "finetune": 0, "max-autotune": 0})  # fmt: skip
-# Most valuable first (issue 19): where folding starts to pay on this GPU, then the seed's
-# ResNet-50, the fine-tuning head-to-head, max-autotune, and the cuda tests last.
-SECTIONS = ("blocks", "resnet", "finetune", "max-autotune", "tests")
-ESTIMATE_S = {"cuda": {"blocks": 90, "resnet": 150, "finetune": 150, "max-autotune": 60, "tests": 120},
-              "cpu": {"blocks": 20, "resnet": 40, "finetune": 5, "max-autotune": 60, "tests": 60}}  # fmt: skip
-"""Rough seconds per section with cold caches, printed as the plan: on the GPU machine a
-cold ResNet-50 compile is assumed to take under a minute per variant (unmeasured); on
-CPU, the dry run's tiny sizes as measured here."""
+# On the GPU: shares sum past the budget on purpose; the order says what gets cut. The
+# estimates assume a cold bf16 ResNet-50 training compile of about 50 s per variant on the
+# GPU machine's 16 cores (unmeasured: the first run will say).
+GPU_PLAN = Plan("cuda", budget_s=450, resnet_batch=32, resnet_res=224, tiny_resnet=False, steps=30, warmup=5,
+                blocks=GPU_BLOCKS, autotune=GPU_BLOCKS[1:2],
+                share_s={"blocks": 100, "resnet": 200, "finetune": 150, "max-autotune": 80, "resnet-fp32": 150, "tests": 100},
+                start_s={"blocks": 20, "resnet": 60, "finetune": 60, "max-autotune": 30, "resnet-fp32": 60, "tests": 30},
+                estimate_s={"blocks": 90, "resnet": 200, "finetune": 200, "max-autotune": 60, "resnet-fp32": 150, "tests": 100})  # fmt: skip
+# Every section runs to its end, whatever the time: the dry run exists to prove each works.
+DRY_PLAN = Plan("cpu", budget_s=3600, resnet_batch=2, resnet_res=16, tiny_resnet=True, steps=2, warmup=0,
+                blocks=TINY_BLOCKS, autotune=TINY_BLOCKS,
+                share_s=dict.fromkeys(("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "tests"), 3600),
+                start_s=dict.fromkeys(("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "tests"), 0),
+                estimate_s={"blocks": 15, "resnet": 25, "finetune": 25, "max-autotune": 50, "resnet-fp32": 20, "tests": 60})  # fmt: skip
+SECTIONS = ("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "tests")
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -163,7 +171,7 @@ def run_tests(plan: Plan, clock: Clock, out: pathlib.Path) -> dict:
     # The fuzzers' short profile: their CI profile's examples, each a compile, do not fit.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "gpu-check")}  # fmt: skip
-    cap = max(10.0, min(plan.tests_cap_s, clock.left))
+    cap = max(10.0, min(plan.share_s["tests"], clock.left))
     clock.log(f"tests: {' '.join(cmd[2:])} (at most {cap:.0f} s)")
     with open(log_path, "w") as log:
         # Its own process group, so a timeout also ends Inductor's compile workers.
@@ -203,64 +211,65 @@ def tiny_resnet(norm: str) -> torch.nn.Module:
     )  # fmt: skip
 
 
-def run_resnet(plan: Plan, clock: Clock, runner: Runner) -> dict:
-    build = tiny_resnet if plan.tiny_resnet else resnet50
-    name = ("tiny stand-in" if plan.tiny_resnet else "resnet50") + f" b{plan.resnet_batch} {plan.resnet_res}px"
+def run_nets(plan: Plan, runner: Runner, deadline: float, finetune: bool = False) -> dict:
+    """The seed's ResNet-50 (``finetune``: with eval-mode BatchNorm) under ``runner``'s
+    dtype and layout, then one profiled step per variant."""
+    if finetune:
+        build = (lambda net: NormEval(tiny_resnet(net)).train()) if plan.tiny_resnet else resnet50_finetune
+        pairs, what = FINETUNE_VARIANTS, "eval-BN "
+    else:
+        build, pairs, what = (tiny_resnet if plan.tiny_resnet else resnet50), RESNET_VARIANTS, ""
+    dtype = "bf16 autocast" if runner.dtype == torch.bfloat16 else "fp32"
+    layout = ", channels_last" if runner.channels_last else ""
+    name = f"{'tiny stand-in' if plan.tiny_resnet else 'resnet50'} {what}b{plan.resnet_batch} {plan.resnet_res}px {dtype}{layout}"
     x = torch.randn(plan.resnet_batch, 3, plan.resnet_res, plan.resnet_res)
-    variants = [Variant(net, backend, build(net), x) for net, backend in RESNET_VARIANTS]
-    runner.run(variants, plan.steps, plan.warmup)
-    note = "conv sites by the cost rule's defaults: " + declined_by_default(conv_ratios(build("affine"), x))
-    return {"status": "ok", "rows": [_row(name, v, variants) for v in variants], "note": note}
-
-
-def run_blocks(plan: Plan, clock: Clock, runner: Runner, shapes: list, pairs=BLOCK_VARIANTS, section="blocks") -> dict:
+    variants = [Variant(net, backend, build(net), x) for net, backend in pairs]
+    ready = runner.run(variants, plan.steps, plan.warmup, deadline)
     rows = []
+    for v in ready:
+        row = _row(name, v, ready)
+        if time.monotonic() < deadline:
+            with runner.autocast():
+                ms = profile_step(lambda: runner._fwd_bwd(v), plan.device)
+            row.update({f"{c} ms": t for c, t in ms.items()})
+        rows.append(row)
+    result = {"status": "ok", "rows": rows}
+    rounds = len(ready[0].fwd_ms)
+    if len(ready) < len(variants) or rounds < plan.steps:
+        left = [f"{n}/{b}" for (n, b), v in zip(pairs, variants) if v not in ready]
+        result.update(status="partial", note=f"deadline: {rounds} of {plan.steps} rounds"
+                      + (f"; not compiled: {', '.join(left)}" if left else ""))  # fmt: skip
+    if not finetune:
+        note = "conv sites by the cost rule's defaults: " + declined_by_default(conv_ratios(build("affine"), x))
+        result["note"] = "; ".join(filter(None, [result.get("note"), note]))
+    return result
+
+
+def run_blocks(plan: Plan, runner: Runner, deadline: float, shapes: list, pairs=BLOCK_VARIANTS) -> dict:
+    rows = []
+    slowest = 0.0
     for i, shape in enumerate(shapes):
-        if clock.left < plan.needs_s[section]:
-            return {"status": "partial", "rows": rows, "note": f"{len(shapes) - i} shapes left out: budget"}
-        clock.log(f"{section}: shape {shape.name}")
+        if rows and time.monotonic() + slowest > deadline:
+            return {"status": "partial", "rows": rows, "note": f"deadline: {len(shapes) - i} of {len(shapes)} shapes left out"}
+        start = time.monotonic()
         variants = [Variant(net, backend, shape.build(net), shape.input("cpu")) for net, backend in pairs]
         runner.run(variants, plan.steps, plan.warmup)
-        ratio = _act_per_weight(shape)
+        ratio = _act_per_weight(shape, runner.dtype)
         for v in variants:
             rows.append({**_row(shape.name, v, variants), "act_per_weight": round(ratio, 2),
                          "auto_would_fold": ratio >= ca_settings.default_min_activation_ratio(plan.device)})  # fmt: skip
         del variants  # before _release, so this shape's models and their compiled code can go
         _release()
+        slowest = max(slowest, time.monotonic() - start)
     return {"status": "ok", "rows": rows}
 
 
-def _act_per_weight(shape: BlockShape) -> float:
-    activation = shape.batch * shape.channels * shape.size**2
-    weight = shape.channels * (1 if shape.depthwise else shape.channels) * shape.kernel**2
+def _act_per_weight(shape: BlockShape, dtype: torch.dtype = torch.float32) -> float:
+    """Conv output bytes per (fp32) weight byte, as the cost rule compares them: under
+    bf16 autocast the output has 2 bytes an element."""
+    activation = shape.batch * shape.channels * shape.size**2 * dtype.itemsize
+    weight = shape.channels * (1 if shape.depthwise else shape.channels) * shape.kernel**2 * 4
     return activation / weight
-
-
-def run_finetune(plan: Plan, clock: Clock, out: pathlib.Path) -> dict:
-    if not _finetune_exists():
-        return {"status": "skipped", "note": "this checkout has no `python -m compile_affine.bench finetune` mode"}
-    path = out / "finetune.json"
-    argv = ["finetune", "--device", plan.device, "--batch", str(plan.resnet_batch), "--res", str(plan.resnet_res),
-            "--steps", str(plan.steps), "--warmup", str(plan.warmup), "--json", str(path)]  # fmt: skip
-    try:
-        with contextlib.redirect_stderr(io.StringIO()) as err:
-            bench.parse_args(argv)
-    except SystemExit:
-        return {"status": "failed", "note": f"the finetune mode refuses {argv}: {err.getvalue().strip()}"}
-    if not plan.run_finetune:
-        return {"status": "checked", "note": f"dry run: the mode takes `{' '.join(argv)}`; not run"}
-    rc = bench.main(argv)
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    return {"status": "ok" if rc == 0 and rows else "failed", "rows": rows}
-
-
-def _finetune_exists() -> bool:
-    with contextlib.redirect_stderr(io.StringIO()):
-        try:
-            bench.parse_args(["finetune"])
-        except SystemExit:
-            return False
-    return True
 
 
 def _row(scenario: str, v: Variant, group: list[Variant]) -> dict:
@@ -279,12 +288,15 @@ def _release() -> None:
 COLUMNS = [("scenario", "scenario"), ("variant", "variant"), ("step_ms", "step ms"), ("fwd_ms", "fwd ms"),
            ("bwd_ms", "bwd ms"), ("ratio", "x first/none"), ("ratio_vs_stock_same_net", "x stock same net"),
            ("saved_mib", "saved MiB"), ("peak_mib", "step peak MiB"), ("compile_s", "compile s"),
-           ("folds", "folds"), ("act_per_weight", "act/weight"), ("auto_would_fold", "default folds")]  # fmt: skip
+           ("traffic_mib", "moved MiB"), ("traffic_ratio", "moved x first/none"), ("pass_s", "pass s"),
+           ("folds", "folds"), ("act_per_weight", "act/weight bytes"), ("auto_would_fold", "default folds"),
+           *((f"{c} ms", f"{c} ms") for c in CLASSES)]  # fmt: skip
+JSON_ONLY = {"traffic_bytes"}
 
 
 def table(rows: list[dict]) -> str:
     cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
-    cols += [(k, k) for k in dict.fromkeys(k for r in rows for k in r) if k not in dict(cols)]
+    cols += [(k, k) for k in dict.fromkeys(k for r in rows for k in r) if k not in dict(cols) and k not in JSON_ONLY]
     cells = [[h for _, h in cols]] + [["-" if r.get(k) is None else str(r[k]) for k, _ in cols] for r in rows]
     lines = ["| " + " | ".join(row) + " |" for row in cells]
     lines.insert(1, "|" + "|".join("---" for _ in cols) + "|")
@@ -377,32 +389,40 @@ def main(argv=None) -> int:
     clock = Clock(plan.budget_s)
     command = "python -m compile_affine.bench.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
     clock.log(f"{command}: device {plan.device}, budget {plan.budget_s:.0f} s, output {out}")
-    estimates = ESTIMATE_S[plan.device]
+    estimates = plan.estimate_s
     clock.log("plan: " + ", ".join(f"{n} ~{estimates[n]} s" for n in SECTIONS if n in only)
-              + f" (about {sum(estimates[n] for n in SECTIONS if n in only)} s in all)")  # fmt: skip
+              + f" (about {sum(estimates[n] for n in SECTIONS if n in only)} s in all; each section stops at its"
+              f" deadline, and those the budget no longer reaches are skipped)")  # fmt: skip
     configure_compile()
-    runner = Runner(plan.device, torch.float32)
+    fp32 = Runner(plan.device, torch.float32, fresh_caches=False)
+    fp32_cl = Runner(plan.device, torch.float32, channels_last=True, fresh_caches=False)
+    # bf16 autocast and channels_last: how the seed's ResNet-50 is trained on GPUs.
+    bf16 = Runner(plan.device, torch.bfloat16, channels_last=True, fresh_caches=False)
     jobs = {
-        "tests": lambda: run_tests(plan, clock, out),
-        "resnet": lambda: run_resnet(plan, clock, runner),
-        "blocks": lambda: run_blocks(plan, clock, runner, plan.blocks),
-        "finetune": lambda: run_finetune(plan, clock, out),
-        "max-autotune": lambda: run_blocks(plan, clock, runner, plan.autotune, AUTOTUNE_VARIANTS, "max-autotune"),
+        "blocks": lambda d: run_blocks(plan, bf16, d, plan.blocks),
+        "resnet": lambda d: run_nets(plan, bf16, d),
+        # fp32: under autocast an eval-mode batch norm computes wider than the bf16 conv
+        # before it, and folding it would round differently, so it is refused (docs/design.md).
+        "finetune": lambda d: run_nets(plan, fp32_cl, d, finetune=True),
+        "max-autotune": lambda d: run_blocks(plan, bf16, d, plan.autotune, AUTOTUNE_VARIANTS),
+        "resnet-fp32": lambda d: run_nets(plan, fp32, d),
+        "tests": lambda d: run_tests(plan, clock, out),
     }
     sections: dict[str, dict] = {}
     facts = device_facts()
     for name in SECTIONS:
         if name not in only:
             continue
-        need = plan.needs_s.get(name, 0)
+        need = plan.start_s[name]
         if clock.left < need:
             sections[name] = {"status": "skipped", "note": f"{clock.left:.0f} s of the budget left, needs about {need} s"}
             clock.log(f"{name}: skipped ({sections[name]['note']})")
             continue
-        clock.log(f"{name}: start")
+        share = min(plan.share_s[name], clock.left)
+        clock.log(f"{name}: start (deadline in {share:.0f} s)")
         start = time.monotonic()
         try:
-            sections[name] = jobs[name]()
+            sections[name] = jobs[name](start + share)
         except Exception as e:  # one broken section must not cost the others' numbers
             sections[name] = {"status": "failed", "note": f"{type(e).__name__}: {e}"}
         sections[name]["seconds"] = round(time.monotonic() - start, 1)
@@ -413,9 +433,9 @@ def main(argv=None) -> int:
     result = _write(out, command, plan, clock, facts, sections)
     plot(result, out / "gpu-check.png")
     print(markdown(result))
-    # The dry run proves every section works: anything short of ok (or checked, for the
-    # finetune mode's flags) fails it. On the GPU a skipped or partial section is budget.
-    bad = ("failed", "timeout") if not args.dry_run else tuple({s["status"] for s in sections.values()} - {"ok", "checked"})
+    # The dry run proves every section works: anything short of ok fails it. On the GPU
+    # a skipped or partial section is budget.
+    bad = ("failed", "timeout") if not args.dry_run else tuple({s["status"] for s in sections.values()} - {"ok"})
     failed = [n for n, s in sections.items() if s["status"] in bad]
     clock.log(f"done in {clock.elapsed:.0f} s; files in {out}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

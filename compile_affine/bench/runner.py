@@ -102,7 +102,12 @@ def progress(msg: str) -> None:
 
 class Runner:
     def __init__(self, device: str, dtype: torch.dtype, inference: bool = False, settings: dict | None = None,
-                 ddp: bool = False):  # fmt: skip
+                 ddp: bool = False, channels_last: bool = False, fresh_caches: bool = True):  # fmt: skip
+        self.channels_last = channels_last
+        self.fresh_caches = fresh_caches
+        """False: variants share Inductor's and Triton's caches, so a kernel two variants
+        both need compiles once (the GPU check's cold-compile budget); compile times are
+        then not comparable between variants."""
         self.settings = settings or {}
         self.ddp = ddp
         self.device = torch.device(device)
@@ -171,6 +176,9 @@ class Runner:
         compile_affine.reset()
         v.model.to(self.device).train(not self.inference)
         v.x = v.x.to(self.device)
+        if self.channels_last and v.x.dim() == 4:  # how GPU users train convnets
+            v.model.to(memory_format=torch.channels_last)
+            v.x = v.x.contiguous(memory_format=torch.channels_last)
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -180,7 +188,7 @@ class Runner:
         # A fresh cache per variant: no variant reuses kernels another compiled.
         # Counting bytes is part of every variant's first step alike (Inductor walks its
         # scheduler nodes once more per graph), so compile times stay comparable.
-        with fresh_cache(), counting() as traffic:
+        with fresh_cache() if self.fresh_caches else contextlib.nullcontext(), counting() as traffic:
             t0 = time.perf_counter()
             self._fwd_bwd(v)
             v.compile_s = time.perf_counter() - t0
@@ -206,19 +214,35 @@ class Runner:
         moved = "" if v.traffic_bytes is None else f", {v.traffic_bytes / 2**20:.1f} MiB moved"
         progress(f"  {v.name}: first step {v.compile_s:.1f}s{own}, folds {v.folds}{moved}")
 
-    def run(self, variants: list[Variant], steps: int, warmup: int = 2) -> None:
+    def run(self, variants: list[Variant], steps: int, warmup: int = 2, deadline: float | None = None) -> list[Variant]:
+        """Compile every variant, then time ``steps`` interleaved rounds. With a
+        ``deadline`` (``time.monotonic()``), the next variant is compiled only if the
+        slowest preparation so far still ends before it, and rounds stop at it (after the
+        first). Returns the variants timed, each with as many rounds as the others."""
+        ready: list[Variant] = []
+        slowest = 0.0
         for v in variants:
+            if deadline is not None and ready and time.monotonic() + slowest > deadline:
+                progress(f"deadline: {len(variants) - len(ready)} variants left out")
+                break
+            t0 = time.monotonic()
             self.prepare(v, warmup)
-        progress(f"timing {len(variants)} variants, {steps} interleaved rounds")
+            slowest = max(slowest, time.monotonic() - t0)
+            ready.append(v)
+        progress(f"timing {len(ready)} variants, {steps} interleaved rounds")
         for i in range(steps):
-            order = variants[i % len(variants):] + variants[: i % len(variants)]
+            if deadline is not None and i and time.monotonic() > deadline:
+                progress(f"deadline: {i} of {steps} rounds timed")
+                break
+            order = ready[i % len(ready):] + ready[: i % len(ready)]
             for v in order:
                 f, b = self._fwd_bwd(v)
                 v.fwd_ms.append(f)
                 v.bwd_ms.append(b)
         # First-call time minus a steady step approximates compile time.
-        for v in variants:
+        for v in ready:
             v.compile_s = max(0.0, v.compile_s - v.step / 1e3)
+        return ready
 
 
 def init_distributed(device: str) -> str:
