@@ -14,7 +14,7 @@ import compile_affine
 from compile_affine.bench.measure import saved_for_backward
 from compile_affine.settings import Settings
 
-from .helpers import ALWAYS, check_against_eager, count, forward_graph, graph_text, joint_graph, pass_backend
+from .helpers import ALWAYS, check_against_eager, count, forward_graph, graph_text, joint_graph, on_devices, pass_backend
 
 aten = torch.ops.aten
 F64 = dict(out_tol=1e-12, grad_tol=1e-10)
@@ -164,9 +164,10 @@ def test_conv_kinds_float64(kind, affine):
 
 
 @pytest.mark.parametrize("kind", ["conv2d", "conv_transpose2d", "depthwise"])
-def test_conv_kinds_fp32(kind):
-    model = randomize(ConvBN(CONVS[kind]()))
-    check_against_eager(model, _inputs(model.conv).requires_grad_(), pass_backend(ALWAYS))
+@on_devices
+def test_conv_kinds_fp32(kind, device):
+    model = randomize(ConvBN(CONVS[kind]())).to(device)
+    check_against_eager(model, _inputs(model.conv).to(device).requires_grad_(), pass_backend(ALWAYS))
     _assert_folds(1)
 
 
@@ -206,9 +207,11 @@ class Functional(nn.Module):
 
 
 @pytest.mark.parametrize("weight,bias", [(True, True), (True, False), (False, True), (False, False)])
-def test_functional_batch_norm(weight, bias):
-    model = Functional(weight, bias).double()
-    check_against_eager(model, torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True), pass_backend(ALWAYS), **F64)
+@on_devices
+def test_functional_batch_norm(weight, bias, device):
+    model = Functional(weight, bias).double().to(device)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, device=device, requires_grad=True)
+    check_against_eager(model, x, pass_backend(ALWAYS), **F64)
     _assert_folds(1)
 
 
@@ -250,10 +253,12 @@ class LinearBN(nn.Module):
 
 @pytest.mark.parametrize("form", ["NC", "levit", "NCL"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_linear_batch_norm_1d_float64(form, bias):
-    model = randomize(LinearBN(form, bias)).double()
+@on_devices
+def test_linear_batch_norm_1d_float64(form, bias, device):
+    model = randomize(LinearBN(form, bias)).double().to(device)
     shape = (4, 6) if form == "NC" else (2, 3, 6)
-    check_against_eager(model, torch.randn(*shape, dtype=torch.float64, requires_grad=True), pass_backend(ALWAYS), **F64)
+    x = torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
+    check_against_eager(model, x, pass_backend(ALWAYS), **F64)
     _assert_folds(1)
 
 
