@@ -2,6 +2,8 @@
 on CPU, at tiny sizes) runs here end to end and writes what the GPU run would.
 Nothing here looks at the times."""
 
+import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -15,6 +17,7 @@ import torch
 
 import compile_affine.bench.gpu_check as gpu_check
 from compile_affine.bench.kernels import CLASSES, kernel_class
+from compile_affine.bench.runner import Runner, Variant
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -91,7 +94,8 @@ def test_a_run_killed_mid_way_leaves_the_sections_it_finished(tmp_path):
         while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it may have ended on its own
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     result = json.loads(path.read_text())
     assert result["sections"]["blocks"]["status"] == "ok" and result["sections"]["blocks"]["rows"]
@@ -104,3 +108,27 @@ def test_kernel_classes():
     assert kernel_class("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
     assert kernel_class("cudnn::engines_precompiled::nchwToNhwcKernel") == "convolution"
     assert kernel_class("Memcpy DtoD (Device -> Device)") == "other"
+    assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "other"  # the fc layer's GEMM
+
+
+class _FakeRunner(Runner):
+    """Steps that cost nothing: only the deadline logic runs."""
+
+    def prepare(self, v, warmup, measure=True):
+        v.compile_s = 0.0
+
+    def _fwd_bwd(self, v):
+        return 1.0, 1.0
+
+
+def test_runner_deadline_cuts_variants_and_rounds():
+    runner = _FakeRunner("cpu", torch.float32)
+    variants = [Variant("n", "inductor", torch.nn.Identity(), torch.zeros(1)) for _ in range(3)]
+    ready = runner.run(variants, steps=4, warmup=0, deadline=time.monotonic() - 1)  # already past
+    assert ready == variants[:1] and len(ready[0].fwd_ms) == 1  # the first variant, one round
+    plan = dataclasses.replace(gpu_check.DRY_PLAN, steps=4)
+    assert gpu_check._cut(plan, variants, ready).startswith("deadline: 1 of 4 rounds; not compiled: ")
+    fresh = [Variant("n", "inductor", torch.nn.Identity(), torch.zeros(1)) for _ in range(2)]
+    assert runner.run(fresh, steps=4, warmup=0, deadline=time.monotonic() + 60) == fresh
+    assert gpu_check._cut(plan, fresh, fresh) is None
+    assert runner.run([], steps=4) == []

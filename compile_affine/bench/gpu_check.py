@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import pathlib
 import re
@@ -52,7 +51,8 @@ import torch
 
 from .. import settings as ca_settings
 from . import __main__ as bench
-from .kernels import CLASSES, profile_step
+from .gpu_report import markdown, plot, write
+from .kernels import profile_step
 from .models import NORMS, BlockShape, NormEval, resnet50, resnet50_finetune
 from .runner import Runner, Variant, configure_compile, machine
 
@@ -233,35 +233,44 @@ def run_nets(plan: Plan, runner: Runner, deadline: float, finetune: bool = False
                 ms = profile_step(lambda: runner._fwd_bwd(v), plan.device)
             row.update({f"{c} ms": t for c, t in ms.items()})
         rows.append(row)
-    result = {"status": "ok", "rows": rows}
-    rounds = len(ready[0].fwd_ms)
-    if len(ready) < len(variants) or rounds < plan.steps:
-        left = [f"{n}/{b}" for (n, b), v in zip(pairs, variants) if v not in ready]
-        result.update(status="partial", note=f"deadline: {rounds} of {plan.steps} rounds"
-                      + (f"; not compiled: {', '.join(left)}" if left else ""))  # fmt: skip
+    cut = _cut(plan, variants, ready)
+    notes = [cut]
+    if cut and not any(v.name == bench.BASELINE for v in ready):
+        notes.append(f"'x first/none' is against {ready[0].name}: {bench.BASELINE} was not compiled")
     if not finetune:
-        note = "conv sites by the cost rule's defaults: " + declined_by_default(conv_ratios(build("affine"), x))
-        result["note"] = "; ".join(filter(None, [result.get("note"), note]))
-    return result
+        notes.append("conv sites by the cost rule's defaults: " + declined_by_default(conv_ratios(build("affine"), x)))
+    return {"status": "partial" if cut else "ok", "rows": rows, "note": "; ".join(filter(None, notes))}
+
+
+def _cut(plan: Plan, variants: list[Variant], ready: list[Variant]) -> str | None:
+    """What a deadline cut from one ``Runner.run``, or None."""
+    rounds = len(ready[0].fwd_ms)
+    left = [v.name for v in variants if v not in ready]
+    if not left and rounds >= plan.steps:
+        return None
+    return f"deadline: {rounds} of {plan.steps} rounds" + (f"; not compiled: {', '.join(left)}" if left else "")
 
 
 def run_blocks(plan: Plan, runner: Runner, deadline: float, shapes: list, pairs=BLOCK_VARIANTS) -> dict:
-    rows = []
+    rows, notes = [], []
     slowest = 0.0
     for i, shape in enumerate(shapes):
         if rows and time.monotonic() + slowest > deadline:
-            return {"status": "partial", "rows": rows, "note": f"deadline: {len(shapes) - i} of {len(shapes)} shapes left out"}
+            notes.append(f"deadline: {len(shapes) - i} of {len(shapes)} shapes left out")
+            break
         start = time.monotonic()
         variants = [Variant(net, backend, shape.build(net), shape.input("cpu")) for net, backend in pairs]
-        runner.run(variants, plan.steps, plan.warmup)
+        ready = runner.run(variants, plan.steps, plan.warmup, deadline)
         ratio = _act_per_weight(shape, runner.dtype)
-        for v in variants:
-            rows.append({**_row(shape.name, v, variants), "act_per_weight": round(ratio, 2),
+        for v in ready:
+            rows.append({**_row(shape.name, v, ready), "act_per_weight": round(ratio, 2),
                          "auto_would_fold": ratio >= ca_settings.default_min_activation_ratio(plan.device)})  # fmt: skip
-        del variants  # before _release, so this shape's models and their compiled code can go
+        if cut := _cut(plan, variants, ready):
+            notes.append(f"{shape.name}: {cut}")
+        del variants, ready  # before _release, so this shape's models and their compiled code can go
         _release()
         slowest = max(slowest, time.monotonic() - start)
-    return {"status": "ok", "rows": rows}
+    return {"status": "partial" if notes else "ok", "rows": rows, "note": "; ".join(notes) or None}
 
 
 def _act_per_weight(shape: BlockShape, dtype: torch.dtype = torch.float32) -> float:
@@ -281,78 +290,6 @@ def _release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-# --- output -------------------------------------------------------------------------
-
-COLUMNS = [("scenario", "scenario"), ("variant", "variant"), ("step_ms", "step ms"), ("fwd_ms", "fwd ms"),
-           ("bwd_ms", "bwd ms"), ("ratio", "x first/none"), ("ratio_vs_stock_same_net", "x stock same net"),
-           ("saved_mib", "saved MiB"), ("peak_mib", "step peak MiB"), ("compile_s", "compile s"),
-           ("traffic_mib", "moved MiB"), ("traffic_ratio", "moved x first/none"), ("pass_s", "pass s"),
-           ("folds", "folds"), ("act_per_weight", "act/weight bytes"), ("auto_would_fold", "default folds"),
-           *((f"{c} ms", f"{c} ms") for c in CLASSES)]  # fmt: skip
-JSON_ONLY = {"traffic_bytes"}
-
-
-def table(rows: list[dict]) -> str:
-    cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
-    cols += [(k, k) for k in dict.fromkeys(k for r in rows for k in r) if k not in dict(cols) and k not in JSON_ONLY]
-    cells = [[h for _, h in cols]] + [["-" if r.get(k) is None else str(r[k]) for k, _ in cols] for r in rows]
-    lines = ["| " + " | ".join(row) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("---" for _ in cols) + "|")
-    return "\n".join(lines)
-
-
-def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"# gpu-check: {m.get('cuda') or m['cpu']}", "",
-             f"`{result['command']}`: torch {m['torch']}, device {result['device']}, "
-             f"{result['wall_s']:.0f} s in all, budget {result['budget_s']:.0f} s.", "",
-             "Step times are medians of interleaved training steps; `x stock same net` is the "
-             "step time over stock Inductor's on the same net. `default folds`: whether the "
-             f"cost rule's default for {result['device']} ({result['thresholds'][result['device']]}) folds that shape.",
-             ""]  # fmt: skip
-    for name, sec in result["sections"].items():
-        lines += [f"## {name}: {sec['status']} ({sec.get('seconds', 0):.0f} s)", ""]
-        if sec.get("note"):
-            lines += [sec["note"], ""]
-        if sec.get("rows"):
-            lines += [table(sec["rows"]), ""]
-    return "\n".join(lines)
-
-
-def plot(result: dict, path: pathlib.Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # the plot is a convenience; the JSON and markdown carry the numbers
-        return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for s in result["sections"].values() for r in s.get("rows", [])
-            if r.get("ratio_vs_stock_same_net") is not None and "compile_affine" in r.get("variant", "")]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
-    ax.bar(range(len(rows)), [r["ratio_vs_stock_same_net"] for r in rows])
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(rows)), [f"{r['scenario']}\n{r['variant']}" for r in rows], rotation=75, ha="right", fontsize=7)
-    ax.set_ylabel("step time / stock Inductor, same net")
-    ax.set_title(f"{result['device']}: {result['machine'].get('cuda') or 'CPU'}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _write(out: pathlib.Path, command: str, plan: Plan, clock: Clock, facts: dict, sections: dict) -> dict:
-    """gpu-check.json and gpu-check.md as they stand, each by an atomic rename."""
-    result = {"command": command, "device": plan.device, "budget_s": plan.budget_s, "wall_s": round(clock.elapsed, 1),
-              "machine": facts, "thresholds": dict(ca_settings.DEVICE_MIN_ACTIVATION_RATIO),
-              "sections": dict(sections)}  # fmt: skip
-    for name, text in (("gpu-check.json", json.dumps(result, indent=2, default=str)), ("gpu-check.md", markdown(result))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
-    return result
 
 
 def device_facts() -> dict:
@@ -429,8 +366,8 @@ def main(argv=None) -> int:
         clock.log(f"{name}: {sections[name]['status']} in {sections[name]['seconds']:.0f} s")
         _release()
         # After every section: a run killed at its time limit still leaves what it finished.
-        result = _write(out, command, plan, clock, facts, sections)
-    result = _write(out, command, plan, clock, facts, sections)
+        result = write(out, command, plan.device, plan.budget_s, clock.elapsed, facts, sections)
+    result = write(out, command, plan.device, plan.budget_s, clock.elapsed, facts, sections)
     plot(result, out / "gpu-check.png")
     print(markdown(result))
     # The dry run proves every section works: anything short of ok fails it. On the GPU

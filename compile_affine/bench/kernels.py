@@ -1,6 +1,7 @@
 """Where one compiled training step spends its device time, by kernel class: the
 convolutions (cuDNN / CUTLASS, forward and both backward), Inductor's Triton pointwise and
-reduction kernels (where a stock affine's extra passes land), and the rest. Read from
+reduction kernels (where a stock affine's extra passes land), and the rest (GEMMs,
+copies). Read from
 ``torch.profiler``: self time of the device's kernels (CUDA), or of the host ops on CPU
 (the dry run: there Inductor's C++ kernels are not separate events, so the split says
 little; it proves the code path)."""
@@ -13,7 +14,10 @@ from typing import Callable
 import torch
 
 CLASSES = ("convolution", "triton pointwise", "triton reduction", "other")
-_CONV_MARKS = ("conv", "cudnn", "xmma", "implicit_gemm", "fprop", "dgrad", "wgrad", "cutlass", "nchwtonhwc", "nhwctonchw")
+# Marks of cuDNN's convolution kernels (``sm90_xmma_fprop_implicit_gemm_...``, ``..._dgrad_...``,
+# ``..._wgrad_...``) and its layout transposes; not bare ``xmma``/``cutlass``, which
+# cuBLAS's GEMMs (the fc layer) share.
+_CONV_MARKS = ("conv", "cudnn", "implicit_gemm", "fprop", "dgrad", "wgrad", "nchwtonhwc", "nhwctonchw")
 
 
 def kernel_class(name: str) -> str:

@@ -217,18 +217,26 @@ class Runner:
     def run(self, variants: list[Variant], steps: int, warmup: int = 2, deadline: float | None = None) -> list[Variant]:
         """Compile every variant, then time ``steps`` interleaved rounds. With a
         ``deadline`` (``time.monotonic()``), the next variant is compiled only if the
-        slowest preparation so far still ends before it, and rounds stop at it (after the
-        first). Returns the variants timed, each with as many rounds as the others."""
+        slowest preparation so far, plus ``MIN_ROUNDS`` rounds of every variant, still ends
+        before it; rounds stop at it (after the first). The first variant is always
+        compiled. Returns the variants timed, each with as many rounds as the others."""
         ready: list[Variant] = []
-        slowest = 0.0
+        slowest = step_s = 0.0
         for v in variants:
-            if deadline is not None and ready and time.monotonic() + slowest > deadline:
+            reserve = MIN_ROUNDS * (len(ready) + 1) * step_s
+            if deadline is not None and ready and time.monotonic() + slowest + reserve > deadline:
                 progress(f"deadline: {len(variants) - len(ready)} variants left out")
                 break
             t0 = time.monotonic()
             self.prepare(v, warmup)
             slowest = max(slowest, time.monotonic() - t0)
+            if deadline is not None:  # one untimed step: what a round of this variant costs
+                t0 = time.monotonic()
+                self._fwd_bwd(v)
+                step_s = max(step_s, time.monotonic() - t0)
             ready.append(v)
+        if not ready:
+            return ready
         progress(f"timing {len(ready)} variants, {steps} interleaved rounds")
         for i in range(steps):
             if deadline is not None and i and time.monotonic() > deadline:
@@ -243,6 +251,10 @@ class Runner:
         for v in ready:
             v.compile_s = max(0.0, v.compile_s - v.step / 1e3)
         return ready
+
+
+MIN_ROUNDS = 5
+"""Timed rounds a deadline leaves room for before it admits one more variant."""
 
 
 def init_distributed(device: str) -> str:
