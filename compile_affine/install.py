@@ -8,8 +8,11 @@ fallbacks, ``report()`` and the records kept beside the cache behave alike. Indu
 config is never written: the fold pass is patched in per compile, after any joint pass
 the user set, exactly as under ``backend="compile_affine"``.
 
-Graphs compiled while installed keep what they folded after ``uninstall()``, as any
-compiled code keeps its compile; ``torch._dynamo.reset()`` drops them.
+``torch.compile`` compiles on a model's first call, and again on a recompile (eval mode,
+a smaller last batch), so keep it installed while the model runs, not only while
+``torch.compile`` is called. Graphs compiled while installed keep what they folded after
+``uninstall()``, as any compiled code keeps its compile; ``torch._dynamo.reset()`` drops
+them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from .settings import OPTIONS_KEY, Settings, split_options
 _lock = threading.Lock()
 _options: dict[str, Any] | None = None
 """The options ``install()`` was given; None while not installed."""
+_replaced: Any = None
+"""The call ``install()`` replaced (stock, or another library's patch), put back by ``uninstall()``."""
 
 
 def _inductor_call(self: Any, model_: Any, inputs_: Any, *, config_patches: dict[str, Any] | None = None) -> Any:
@@ -42,7 +47,8 @@ def _inductor_call(self: Any, model_: Any, inputs_: Any, *, config_patches: dict
 
 class Installation:
     """What ``install()`` returns; as a context manager, leaving it restores what was
-    installed before it (nothing, or the earlier options)."""
+    installed before it (nothing, or the earlier options). The state is the process's,
+    so blocks are expected to nest, not to interleave across threads."""
 
     def __init__(self, previous: dict[str, Any] | None):
         self._previous = previous
@@ -51,10 +57,12 @@ class Installation:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        global _options
         if self._previous is None:
             uninstall()
-        else:
-            install(**self._previous)
+            return
+        with _lock:  # already checked once: never raise here over the block's own error
+            _options = self._previous
 
 
 def install(**options: Any) -> Installation:
@@ -65,21 +73,28 @@ def install(**options: Any) -> Installation:
     again replaces the options; ``COMPILE_AFFINE=0`` still turns folding off at compile time.
     Usable as ``with compile_affine.install(): ...``.
     """
-    global _options
+    global _options, _replaced
     split_options({OPTIONS_KEY: options})  # unknown keys, bad values and a bad COMPILE_AFFINE raise here
     with _lock:
         previous = _options
         _options = dict(options)
-        torch._TorchCompileInductorWrapper.__call__ = _inductor_call
+        wrapper = torch._TorchCompileInductorWrapper
+        if wrapper.__call__ is not _inductor_call:
+            _replaced = wrapper.__call__
+            wrapper.__call__ = _inductor_call
     return Installation(previous)
 
 
 def uninstall() -> None:
-    """Give ``backend="inductor"`` back its stock call. Harmless when not installed."""
-    global _options
+    """Give ``backend="inductor"`` back the call it had before ``install()``. Harmless
+    when not installed."""
+    global _options, _replaced
     with _lock:
         _options = None
-        torch._TorchCompileInductorWrapper.__call__ = STOCK_INDUCTOR_CALL
+        wrapper = torch._TorchCompileInductorWrapper
+        if wrapper.__call__ is _inductor_call:
+            wrapper.__call__ = _replaced or STOCK_INDUCTOR_CALL
+        _replaced = None
 
 
 def installed() -> Settings | None:

@@ -300,9 +300,10 @@ def _notice(graph: GraphRecord) -> None:
         if _noticed or not graph.sites:
             return
         _noticed = True
-    n = len(graph.sites)
-    notice_log.warning("compile_affine: %d affine layer%s, %d folded; compile_affine.report() or "
-                       "TORCH_LOGS=+compile_affine for details", n, "s" if n != 1 else "", graph.folded)
+    n, rank = len(graph.sites), "" if graph.rank is None else f"[rank {graph.rank}] "
+    notice_log.warning("%scompile_affine: %d affine layer%s in the first graph, %d folded; compile_affine.report() "
+                       "or TORCH_LOGS=+compile_affine for every graph and why", rank, n, "s" if n != 1 else "",
+                       graph.folded)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -118,8 +118,8 @@ def test_one_notice_per_process(caplog, monkeypatch):
     _run(ConvAffine(), torch.randn(2, 4, 8, 8))
     _run(ConvAffine(), torch.randn(2, 4, 8, 8))
     notices = [r.getMessage() for r in caplog.records if r.name == "compile_affine.notice"]
-    assert notices == ["compile_affine: 1 affine layer, 1 folded; compile_affine.report() or "
-                       "TORCH_LOGS=+compile_affine for details"]  # fmt: skip
+    assert notices == ["compile_affine: 1 affine layer in the first graph, 1 folded; compile_affine.report() "
+                       "or TORCH_LOGS=+compile_affine for every graph and why"]  # fmt: skip
 
 
 def test_a_warm_cache_restores_the_records_as_for_the_named_backend():
@@ -134,3 +134,23 @@ def test_a_warm_cache_restores_the_records_as_for_the_named_backend():
     first, second = compile_affine.report().graphs
     assert not first.cache_hit and second.cache_hit and second.restored
     assert first.folded == second.folded == 1
+
+
+def test_uninstall_puts_back_what_install_replaced(monkeypatch):
+    def theirs(self, model_, inputs_, **kwargs):  # another library's patch, made first
+        return STOCK_INDUCTOR_CALL(self, model_, inputs_, **kwargs)
+
+    monkeypatch.setattr(torch._TorchCompileInductorWrapper, "__call__", theirs)
+    compile_affine.install()
+    compile_affine.install(**ALWAYS)
+    compile_affine.uninstall()
+    assert torch._TorchCompileInductorWrapper.__call__ is theirs
+
+
+def test_an_error_in_the_block_is_not_masked_on_exit(monkeypatch):
+    with pytest.raises(KeyError, match="from the block"):
+        with compile_affine.install(**ALWAYS):
+            with compile_affine.install(fold="never"):
+                monkeypatch.setenv("COMPILE_AFFINE", "maybe")  # invalid now; exit must not check it
+                raise KeyError("from the block")
+    assert compile_affine.installed() is None
