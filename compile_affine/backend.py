@@ -52,12 +52,13 @@ def compile_with_pass(inductor: Any, gm: torch.fx.GraphModule, example_inputs: S
     """Compile ``gm`` with ``inductor`` (a ``torch._TorchCompileInductorWrapper``: mode and
     options already applied) and the fold pass chained after its joint passes. The named
     backend and ``install()`` both come here, so they fold, fall back and report alike."""
-    config = {**inductor.config, **(config_patches or {})}
+    config_patches = config_patches or {}
+    config = {**inductor.config, **config_patches}
     if not settings.enabled:
-        return compile_inductor(inductor, gm, example_inputs, config_patches or {})
+        return compile_inductor(inductor, gm, example_inputs, config_patches)
     fold_pass = AffineFoldPass(settings, mutated_inputs(gm))
     passes = _chain(config, fold_pass)
-    patches = {**(config_patches or {}), "joint_custom_pre_pass": joint_passes(passes)}
+    patches = {**config_patches, "joint_custom_pre_pass": joint_passes(passes)}
     try:
         compiled = compile_inductor(inductor, gm, example_inputs, patches)
     except Exception as e:
@@ -66,7 +67,7 @@ def compile_with_pass(inductor: Any, gm: torch.fx.GraphModule, example_inputs: S
             raise
         _warn_once(error)
         report.record(report.GraphRecord(graph_name=report.next_graph_name(), training=False, fell_back=str(error)))
-        return compile_inductor(inductor, gm, example_inputs, config_patches or {})
+        return compile_inductor(inductor, gm, example_inputs, config_patches)
     key = records_key(gm, example_inputs, passes, config)
     if fold_pass.calls:
         records.persist(key, fold_pass.records)

@@ -2,9 +2,9 @@
 
 timm's train.py wraps the model in DistributedDataParallel and then compiles it. Dynamo's
 DDPOptimizer then splits the graph at gradient-bucket boundaries (``bucket_cap_mb``,
-25 MB by default) so that all-reduce overlaps backward. A split that falls between a
-conv and its affine leaves the affine in the next subgraph, where the conv output is a
-graph input: no longer a site, so it cannot fold.
+25 MB by default) so that all-reduce overlaps backward. A piece that cuts a conv from
+its affine, or that starts by mutating its own input in place, loses that fold; the
+table gives the report's reason for each site left unfolded.
 
 Three ways of running the seed's ResNet-50 (BatchNorm replaced by ``x * w + b``) under
 2 gloo ranks, each counting the affine layers folded with ``fold="always"`` (legality
@@ -13,8 +13,9 @@ only, so the cost rule's shape-dependent declines do not blur the count):
 * ``wrap-then-compile``: ``torch.compile(DDP(model))``, timm's order, DDPOptimizer on;
 * ``optimize_ddp=False``: the same order with ``torch._dynamo.config.optimize_ddp = False``
   (one graph; all-reduce no longer overlaps backward inside it);
-* ``compile-then-wrap``: ``DDP(torch.compile(model))`` (one graph, DDP's own hooks
-  overlap the all-reduce).
+* ``compile-then-wrap``: ``DDP(torch.compile(model))``. DDPOptimizer splits this one
+  too: Dynamo sees the compiled module running under DDP's forward (measured: the same
+  pieces as ``wrap-then-compile``).
 
     python -m compile_affine.bench.ddp_splits [--bucket-cap-mb 25] [--res 64]
 """

@@ -228,9 +228,8 @@ def run_nets(plan: Plan, runner: Runner, deadline: float, finetune: bool = False
     rows = []
     for v in ready:
         row = _row(name, v, ready)
-        if time.monotonic() < deadline:
-            with runner.autocast():
-                ms = profile_step(lambda: runner._fwd_bwd(v), plan.device)
+        if time.monotonic() < deadline:  # _fwd_bwd enters the runner's autocast itself
+            ms = profile_step(lambda: runner._fwd_bwd(v), plan.device)
             row.update({f"{c} ms": t for c, t in ms.items()})
         rows.append(row)
     cut = _cut(plan, variants, ready)
