@@ -34,10 +34,11 @@ _replaced: Any = None
 
 def _inductor_call(self: Any, model_: Any, inputs_: Any, *, config_patches: dict[str, Any] | None = None) -> Any:
     options = _options
-    # Subclasses (AOTInductor's wrapper) and a concurrent uninstall() get stock behaviour.
+    # Subclasses (AOTInductor's wrapper) and a concurrent uninstall() get the call that
+    # was there before install(): stock, or another library's patch.
     if options is None or type(self) is not torch._TorchCompileInductorWrapper:
         kwargs = {"config_patches": config_patches} if config_patches else {}
-        return STOCK_INDUCTOR_CALL(self, model_, inputs_, **kwargs)
+        return (_replaced or STOCK_INDUCTOR_CALL)(self, model_, inputs_, **kwargs)
     from .backend import compile_with_pass
 
     # Parsed per compile, as the named backend does, so COMPILE_AFFINE=0 set later still wins.
