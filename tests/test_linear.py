@@ -355,3 +355,32 @@ def test_linear_written_as_a_matrix_product(producer):
     assert check_against_eager(MatrixProduct().double(), x, pass_backend(ALWAYS), out_tol=1e-12, grad_tol=1e-10) == 1
     (site,) = compile_affine.report().graphs[0].sites
     assert site.folded, site.reason
+
+
+@pytest.mark.parametrize("lead", [(2, 5), (4,)], ids=["3d", "2d"])
+@pytest.mark.parametrize("bias_grad", [True, False])
+def test_a_shifted_layerscale_reduces_its_gradient_once(bias_grad, lead):
+    """``linear(x) * s + t``: the shift's ``sum(g)`` and the linear bias's ``sum(G)`` are one
+    value over two views of ``g``; the folded backward computes it once (for ``t``, ``b``
+    and the scale's bias term), where stock computes both. Exact against eager in float64.
+    (2-d: the bias's sum reads ``g`` itself, and must not be taken for the shift's.)"""
+
+    def fn(x, w, b, s, t):
+        return torch.nn.functional.linear(x, w, b) * s + t
+
+    torch.manual_seed(0)
+    x = torch.randn(*lead, 8, dtype=torch.float64)
+    w, b = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    s, t = torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)
+    args = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_(bias_grad), s.requires_grad_(), t.requires_grad_()]
+    before, after = joint_graph(fn, *args)
+
+    assert before.count("sum.dim_IntList") == 2 + bias_grad  # t's, s's sum(g * y), b's
+    assert graph_text(after).count("sum.dim_IntList") == 2  # t's (serving b), and sum(gW' * W) for s
+    compiled = torch.compile(fn, backend=pass_backend(ALWAYS))
+    out, expected = compiled(*args), fn(*args)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.sum(), [a for a in args if a.requires_grad])
+    expected_grads = torch.autograd.grad(expected.sum(), [a for a in args if a.requires_grad])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

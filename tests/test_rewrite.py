@@ -67,16 +67,16 @@ alias_1 = alias(alias)
 le = le.Scalar(alias_1, 0)
 scalar_tensor = scalar_tensor(0, dtype=torch.float32, layout=torch.strided, device=cpu)
 where = where.self(le, scalar_tensor, tangents_1)
-sum_1 = sum.dim_IntList(where, [0, 2, 3], True)
-view_2 = view(sum_1, [4])
-convolution_backward_default = convolution_backward(where, primals_1, mul_tensor, [4], [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
+convolution_backward_default = convolution_backward(where, primals_1, mul_tensor, [4], [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [False, True, True])
 getitem_3 = getitem(convolution_backward_default, 1)
-reshape_default_3 = reshape(sum_1, [4])
+getitem_4 = getitem(convolution_backward_default, 2)
+reshape_default_3 = reshape(getitem_4, [1, 4, 1, 1])
+view_2 = view(reshape_default_3, [4])
 mul_tensor_2 = mul.Tensor(getitem_3, reshape_default_1)
-mul_tensor_3 = mul.Tensor(reshape_default_3, reshape_default)
+mul_tensor_3 = mul.Tensor(getitem_4, reshape_default)
 mul_tensor_4 = mul.Tensor(getitem_3, primals_2)
 sum_dim_int_list = sum.dim_IntList(mul_tensor_4, [1, 2, 3])
-mul_tensor_5 = mul.Tensor(reshape_default_3, primals_3)
+mul_tensor_5 = mul.Tensor(getitem_4, primals_3)
 add_tensor_1 = add.Tensor(sum_dim_int_list, mul_tensor_5)
 reshape_default_5 = reshape(add_tensor_1, [1, 4, 1, 1])
 view_3 = view(reshape_default_5, [4])
@@ -117,3 +117,39 @@ return ('relu',)""")
     def test_never_leaves_graph_unchanged(self):
         before, after = joint_graph(affine, *inputs(), settings=Settings(fold="never"))
         self.assertEqual(before, graph_text(after))
+
+
+def activation_sums(gm):
+    """Per-channel ``sum`` nodes over an activation (every dim but the channel's)."""
+    return [n for n in gm.graph.nodes if n.target is aten.sum.dim_IntList and sorted(n.args[1]) == [0, 2, 3]]
+
+
+def test_the_shifts_gradient_comes_from_the_conv_backward_on_cpu():
+    """One read of ``g`` per site: on CPU the shift's ``sum(g)`` (and gb', and the scale's
+    bias term) is convolution_backward's bias output, computed inside the weight-gradient
+    primitive that reads ``g`` anyway. Stock has two activation sums (the shift's and the
+    scale's ``sum(g * y)``); the folded graph has none."""
+    before, after = joint_graph(affine, *inputs())
+    assert before.count("sum.dim_IntList") == 2
+    assert activation_sums(after) == []
+    (cb,) = [n for n in after.graph.nodes if n.target is aten.convolution_backward.default]
+    assert cb.args[-1] == [False, True, True]
+
+
+def test_the_shifts_sum_stays_where_no_conv_backward_runs():
+    """A frozen conv on an input without gradient has no convolution_backward to
+    compute it: the shift's lone ``sum(g)`` stays (adding a conv backward would cost more)."""
+    _, after = joint_graph(affine, *inputs(requires=(False, False, False, False, True)))
+    assert len(activation_sums(after)) == 1
+    assert count(after, aten.convolution_backward.default) == 0
+
+
+def test_the_shifts_sum_stays_in_fp32_under_autocast():
+    """Under autocast the conv sees ``g`` cast down to bf16; the shift's gradient stays the
+    fp32 ``sum(g)`` eager computes, and serves gb' too (one reduction, none in the conv)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, after = joint_graph(affine, *inputs())
+    (sum_g,) = activation_sums(after)
+    assert sum_g.args[0].meta["val"].dtype == torch.float32
+    (cb,) = [n for n in after.graph.nodes if n.target is aten.convolution_backward.default]
+    assert cb.args[-1][2] is False

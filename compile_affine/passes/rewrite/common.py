@@ -144,3 +144,18 @@ def feature_view(emit: Emitter, vector: fx.Node, ndim: int, axis: int) -> fx.Nod
     shape = [1] * ndim
     shape[axis] = -1
     return emit(aten.reshape.default, vector, shape)
+
+
+def feature_sum(g: fx.Node | None, axis: int, exclude: frozenset[fx.Node] = frozenset()) -> fx.Node | None:
+    """An existing ``sum(g)`` over every dim but ``axis``, in ``g``'s dtype, other than
+    ``exclude``: a shift's gradient, which is also the folded producer's bias gradient (one
+    read of ``g`` serves both)."""
+    if g is None:
+        return None
+    ndim = g.meta["val"].ndim
+    for user in g.users:
+        if (user not in exclude and user.target is aten.sum.dim_IntList and user.args[0] is g and user.kwargs.get("dtype") is None
+                and sorted(d % ndim for d in user.args[1]) == [d for d in range(ndim) if d != axis % ndim]):  # fmt: skip
+            return user
+    return None
+

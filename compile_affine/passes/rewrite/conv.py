@@ -11,7 +11,7 @@ import torch.fx as fx
 from ..._compat import conv_bias
 from ..graph import CHANNEL_AXIS
 from ..sites import ConvSite
-from .common import (Emitter, add_shift, erase_dead, finish_result, first_in_graph, per_channel,
+from .common import (Emitter, add_shift, erase_dead, feature_sum, finish_result, first_in_graph, per_channel,
                      replace_scale_grad, reshape, scale_vector)
 
 aten = torch.ops.aten
@@ -103,12 +103,14 @@ def _fold_backward(graph: fx.Graph, site: ConvSite, emit: Emitter, cmap: _Channe
     need_gs = site.grad_scale_sum is not None
     has_bias = bias is not None
     mask = [old_mask[0], old_mask[1] or need_gs, has_bias and (old_mask[2] or need_gs)]
-    # gb' = sum(g) per channel. The shift's gradient is that same reduction, already in
-    # the graph (an eval batch norm's bias always has one): reuse it rather than have
-    # convolution_backward run a second activation-sized pass.
-    shift_sum = _channel_sum(site.grad) if mask[2] else None
-    if shift_sum is not None:
-        mask[2] = False
+    # gb' = sum(g) per channel, and the shift's gradient (an eval batch norm's bias always
+    # has one) is that same reduction, already in the graph: the step needs it once.
+    shift_sum = feature_sum(site.grad, CHANNEL_AXIS)
+    bias_in_backward = shift_sum is not None and _bias_grad_in_conv_backward(site, mask)
+    if bias_in_backward:
+        mask[2] = True  # and the separate sum(g) goes
+    elif shift_sum is not None and mask[2]:
+        mask[2] = False  # gb' is the shift's sum
     if not any(mask):
         return
     old = {u.args[1]: u for u in (cb.users if cb is not None else ())}
@@ -123,7 +125,10 @@ def _fold_backward(graph: fx.Graph, site: ConvSite, emit: Emitter, cmap: _Channe
         grad_x, grad_w_fold, grad_b_fold = (
             emit(operator.getitem, new_cb, i) if mask[i] else None for i in range(3)
         )
-        if shift_sum is not None:
+        if bias_in_backward:
+            shift_val = shift_sum.meta["val"]
+            shift_sum.replace_all_uses_with(emit(aten.reshape.default, grad_b_fold, list(shift_val.shape)))
+        elif shift_sum is not None:
             grad_b_fold = emit(aten.reshape.default, shift_sum, [cmap.channels])
         if 0 in old:
             old[0].replace_all_uses_with(grad_x)
@@ -139,17 +144,25 @@ def _fold_backward(graph: fx.Graph, site: ConvSite, emit: Emitter, cmap: _Channe
                 grad_s = emit(aten.add.Tensor, grad_s, emit(aten.mul.Tensor, emit.upcast(grad_b_fold), emit.upcast(bias)))
             replace_scale_grad(emit, site, grad_s, s_c, CHANNEL_AXIS)
 
-    dead = [*old.values(), cb, site.grad_cast, site.grad_conv_input, site.grad_scale_sum]
+    dead = [*old.values(), cb, site.grad_cast, site.grad_conv_input, site.grad_scale_sum,
+            shift_sum if bias_in_backward else None]
     erase_dead(graph, dead)
 
 
-def _channel_sum(g: fx.Node | None) -> fx.Node | None:
-    """An existing ``sum(g)`` over every dim but the channel axis (1), in ``g``'s dtype."""
-    if g is None:
-        return None
-    ndim = g.meta["val"].ndim
-    for user in g.users:
-        if (user.target is aten.sum.dim_IntList and user.args[0] is g and user.kwargs.get("dtype") is None
-                and sorted(d % ndim for d in user.args[1]) == [0, *range(2, ndim)]):  # fmt: skip
-            return user
-    return None
+def _bias_grad_in_conv_backward(site: ConvSite, mask: list[bool]) -> bool:
+    """Whether ``convolution_backward`` should compute ``gb'`` (and so the shift's
+    gradient) instead of a separate ``sum(g)``.
+
+    On CPU it does so inside the weight-gradient primitive (oneDNN's diff_bias), which
+    reads ``g`` anyway, so the separate reduction is one activation read the step no
+    longer makes. Only when that primitive runs for ``gx`` or ``gW'`` already (a frozen
+    first conv keeps its lone sum), and only when ``g`` has the conv's dtype (under
+    autocast the convolution sees ``g`` cast down to 16 bits, and the shift's gradient
+    must stay the fp32 sum eager computes). Elsewhere Inductor's decomposition splits
+    a conv's bias gradient back out as ``aten.sum(g)`` (``torch/_inductor/decomposition.py``,
+    GPUs), so the existing ``sum(g)`` stays as the one reduction, where Inductor may
+    fuse it with the kernel that writes ``g``.
+    """
+    if not (mask[0] or mask[1]) or site.conv.meta["val"].device.type != "cpu":
+        return False
+    return site.grad.meta["val"].dtype == site.conv.meta["val"].dtype

@@ -7,7 +7,8 @@ import torch
 import torch.fx as fx
 
 from ..sites import LinearSite
-from .common import Emitter, add_shift, erase_dead, feature_view, finish_result, per_channel, replace_scale_grad, scale_vector
+from .common import (Emitter, add_shift, erase_dead, feature_sum, feature_view, finish_result, per_channel, replace_scale_grad,
+                     scale_vector)
 
 aten = torch.ops.aten
 
@@ -92,19 +93,32 @@ def _fold_linear_backward(graph: fx.Graph, site: LinearSite, emit: Emitter, s_c:
     * scale gradient: ``sum(g * y)[c] = sum(mm(G.t(), A)[c] * B[:, c]) + sum(G)[c] * b[c]``.
     """
     gy, g = site.grad_y, site.grad
-    # Before rescaling: the raw corr(G, A) and sum(G) the scale's gradient needs.
-    raw_gw = site.grad_weight_mms[0] if site.grad_weight_mms else None
-    raw_gb = site.grad_bias_sums[0] if site.grad_bias_sums else None
     with graph.inserting_before(gy):
         g = emit.cast(g, gy.meta["val"].dtype)
     gy.replace_all_uses_with(g)
+    # Fed g, the bias's sum(G) is the shift's sum(g) over another view: one reduction
+    # serves the shift, the bias and the scale's bias term (one read of g, not two).
+    # (A 2-d linear's bias sum reads g itself: it is not the shift's.)
+    shift_sum = feature_sum(site.grad, site.axis, exclude=frozenset(gb for gb, _ in site.grad_bias_sums))
+    bias_sums = []
+    for gb, axis in site.grad_bias_sums:
+        if shift_sum is not None and shift_sum.meta["val"].dtype == gb.meta["val"].dtype:
+            with graph.inserting_after(shift_sum):
+                same = emit(aten.reshape.default, shift_sum, list(gb.meta["val"].shape))
+            gb.replace_all_uses_with(same)
+            erase_dead(graph, [gb])
+            gb = same
+        bias_sums.append((gb, axis))
+    # Before rescaling: the raw corr(G, A) and sum(G) the scale's gradient needs.
+    raw_gw = site.grad_weight_mms[0] if site.grad_weight_mms else None
+    raw_gb = bias_sums[0] if bias_sums else None
     old_bts = [mm.args[1] for mm in site.grad_input_mms]
     for mm, bt in zip(site.grad_input_mms, old_bts):
         with graph.inserting_before(mm):
             mm.replace_input_with(bt, emit(bt.target, w_fold, *bt.args[1:]))
     for gw in site.grad_weight_mms:
         _rescale(emit, gw, s_c, site.weight_grad_axis(gw))
-    for gb, axis in site.grad_bias_sums:
+    for gb, axis in bias_sums:
         _rescale(emit, gb, s_c, axis)
     if site.grad_scale_sum is not None:
         out = s_c.meta["val"].shape[0]
@@ -117,7 +131,9 @@ def _fold_linear_backward(graph: fx.Graph, site: LinearSite, emit: Emitter, s_c:
             dims = [d for d in range(weight.meta["val"].ndim) if d != axis]
             dot = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, emit.upcast(raw_gw), weight), dims)
             if site.biases:
-                if raw_gb is None:
+                if raw_gb is None and shift_sum is not None:
+                    sum_g = emit(aten.reshape.default, emit.upcast(shift_sum), [out])
+                elif raw_gb is None:
                     y_dims = [d for d in range(site.y.meta["val"].ndim) if d != site.axis]
                     sum_g = emit(aten.sum.dim_IntList, emit.upcast(site.grad), y_dims)
                 else:
