@@ -21,23 +21,25 @@ _EPILOGUE_POLICIES = ("auto", "off")
 _ENV_VALUES = {"0": False, "1": True}
 
 
-CPU_MIN_ACTIVATION_RATIO = 0.3
-"""Activation bytes per weight byte. Fitted to time, not traffic, on CPU training steps
-in fp32 (where the bytes ratio is the element ratio the fit used): CPU convolutions are
-compute-bound, so a fold that moves more bytes can still be time-neutral. Fitted on CPU training steps (docs/benchmarks.md, "The cost rule"): the lowest ratio
-where folding was still time-neutral within the benchmark's noise, because a neutral fold
-still frees the conv output it no longer saves. 0.5, the earlier speed-only rule, kept
-1.05x the no-affine ResNet-50's bytes; 0.3 folds the late stages down to about 0.35."""
-CUDA_MIN_ACTIVATION_RATIO = 3.5
-"""The traffic break-even by construction: a fold adds 7 weight-sized accesses (``W * s``
-in forward and again in backward, 2 each; ``gW' * s`` with ``sum(gW' * W)``, 3) and removes
-2 activation-sized ones (the reads of ``y`` and ``g`` for ``sum(g * y)``), each access
-costing its tensor's bytes, so it moves fewer bytes from activation bytes / weight bytes
-= 7 / 2 (docs/design.md, "On GPU"). On a GPU those passes run at HBM bandwidth, so bytes
-are time; ``make gpu-check`` measures it."""
-DEVICE_MIN_ACTIVATION_RATIO = {"cpu": CPU_MIN_ACTIVATION_RATIO, "cuda": CUDA_MIN_ACTIVATION_RATIO}
-"""Per device type; any other device uses the CPU value, the only measured one. This
-module's source is hashed into the pass uuid, so a changed value misses the FX cache."""
+Objective = Literal["time", "memory"]
+_OBJECTIVES = ("time", "memory")
+
+TRAFFIC_BREAK_EVEN = 3.5
+"""Activation bytes per weight byte above which a fold moves fewer bytes than it saves:
+it adds 7 weight-sized accesses (``W * s`` in forward and again in backward, 2 each;
+``gW' * s`` with ``sum(gW' * W)``, 3) and removes at least 2 activation-sized ones (the
+reads of ``y`` and ``g`` for ``sum(g * y)``), each costing its tensor's bytes
+(docs/design.md, "On GPU"). Where every site clears it, a step moves no more bytes than
+stock's, so it is never slower on a bandwidth-bound device, and on CPU every block
+measured above it stepped faster than stock (docs/benchmarks.md, "The cost rule")."""
+MEMORY_MIN_ACTIVATION_RATIO = 0.3
+"""The lowest ratio at which folding measured time-neutral within the CPU benchmark's
+noise (fitted on fp32 training steps, docs/benchmarks.md "The re-fitted default"): below
+3.5 a fold still frees the conv output it no longer saves, but it moves more bytes, and
+at 0.38 one block stepped 1.055x stock. The memory-for-time trade, taken only on request."""
+OBJECTIVE_MIN_ACTIVATION_RATIO = {"time": TRAFFIC_BREAK_EVEN, "memory": MEMORY_MIN_ACTIVATION_RATIO}
+"""The default threshold for each ``objective``. This module's source is hashed into the
+pass uuid, so a changed value misses the FX cache."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +53,17 @@ class Settings:
     fold: FoldPolicy = "auto"
     """``auto``: fold legal sites the cost model says pay; ``always``: every legal
     site; ``never``: recognise and report sites but fold none."""
+    objective: Objective = "time"
+    """What ``fold="auto"`` optimises. ``time``: fold only sites where the fold moves fewer
+    bytes than it saves (``TRAFFIC_BREAK_EVEN``), so a step is never slower than stock's.
+    ``memory``: also fold where it costs some time but frees the conv output
+    (``MEMORY_MIN_ACTIVATION_RATIO``)."""
     min_activation_ratio: float | None = None
     """``fold="auto"`` folds a site when its conv output has at least this many bytes per
     byte of the stored weight, each in its own dtype (under bf16 autocast an fp32 weight
     needs twice the output elements it needs in fp32; in fp32 this is the element ratio).
     Lower trades speed for saved-activation memory.
-    None: the default of the device the site's weight lives on
-    (``DEVICE_MIN_ACTIVATION_RATIO``)."""
+    None: the ``objective``'s default (``OBJECTIVE_MIN_ACTIVATION_RATIO``)."""
     epilogue: EpiloguePolicy = "off"
     """``auto``: after folding, run ``conv -> (+bias) -> relu`` on CPU as one fused op
     (oneDNN post-op, ``compile_affine::conv_act``); ``off``: leave it to Inductor."""
@@ -71,12 +77,18 @@ class Settings:
             raise ValueError(f"compile_affine option 'min_activation_ratio' must be a number >= 0, got {self.min_activation_ratio!r}")
         if self.fold not in _FOLD_POLICIES:
             raise ValueError(f"compile_affine option 'fold' must be one of {_FOLD_POLICIES}, got {self.fold!r}")
+        if self.objective not in _OBJECTIVES:
+            raise ValueError(f"compile_affine option 'objective' must be one of {_OBJECTIVES}, got {self.objective!r}")
         if self.epilogue not in _EPILOGUE_POLICIES:
             raise ValueError(f"compile_affine option 'epilogue' must be one of {_EPILOGUE_POLICIES}, got {self.epilogue!r}")
 
 
-def default_min_activation_ratio(device_type: str) -> float:
-    return DEVICE_MIN_ACTIVATION_RATIO.get(device_type, CPU_MIN_ACTIVATION_RATIO)
+    @property
+    def activation_ratio(self) -> float:
+        """The threshold ``fold="auto"`` applies: ``min_activation_ratio``, else the objective's."""
+        if self.min_activation_ratio is not None:
+            return self.min_activation_ratio
+        return OBJECTIVE_MIN_ACTIVATION_RATIO[self.objective]
 
 
 ACCEPTED_KEYS = tuple(f.name for f in dataclasses.fields(Settings))

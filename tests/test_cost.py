@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import compile_affine
-from compile_affine.settings import Settings, default_min_activation_ratio
+from compile_affine.settings import Settings
 
 from .helpers import check_against_eager, on_devices, pass_backend
 from .nets import ConvAffine
@@ -24,7 +24,7 @@ def test_weight_heavy_site_is_declined(device):
     model = ConvAffine(64, 64).to(device)
     assert check_against_eager(model, torch.randn(1, 64, 3, 3, device=device), pass_backend(AUTO)) == 0
     site = _site()
-    threshold = default_min_activation_ratio(device)  # each device's own default
+    threshold = Settings().activation_ratio  # the default objective's
     assert not site.folded and site.declined_by_cost
     assert site.reason == f"cost: activation 2304 < {threshold} x weight 147456 bytes"
     assert site.summary_reason == f"activation 0.0156x the weight in bytes, under {threshold}"
@@ -70,8 +70,8 @@ def test_bad_threshold():
         Settings(min_activation_ratio=-1)
 
 
-# The default threshold is per device (settings.DEVICE_MIN_ACTIVATION_RATIO); a site
-# whose activation equals its weight lies between the CPU and the CUDA values.
+# The default threshold is the objective's (settings.OBJECTIVE_MIN_ACTIVATION_RATIO), the
+# same on every device; a site whose activation equals its weight lies between the two.
 def _stub_site(device: str, activation: tuple, weight: tuple, activation_dtype=torch.float32):
     from types import SimpleNamespace
 
@@ -83,37 +83,40 @@ def _stub_site(device: str, activation: tuple, weight: tuple, activation_dtype=t
                            computes_weight_grad=lambda: True)  # fmt: skip
 
 
-def test_default_threshold_is_per_device():
+def test_default_threshold_is_the_objectives():
     from compile_affine.passes import cost
-    from compile_affine.settings import CPU_MIN_ACTIVATION_RATIO, CUDA_MIN_ACTIVATION_RATIO, default_min_activation_ratio
+    from compile_affine.settings import MEMORY_MIN_ACTIVATION_RATIO, TRAFFIC_BREAK_EVEN
 
-    assert Settings().min_activation_ratio is None
-    assert CPU_MIN_ACTIVATION_RATIO <= 1.0 < CUDA_MIN_ACTIVATION_RATIO
+    assert Settings().objective == "time" and Settings().min_activation_ratio is None
+    assert Settings().activation_ratio == TRAFFIC_BREAK_EVEN
+    assert Settings(objective="memory").activation_ratio == MEMORY_MIN_ACTIVATION_RATIO <= 1.0 < TRAFFIC_BREAK_EVEN
+    assert Settings(objective="memory", min_activation_ratio=2.0).activation_ratio == 2.0  # an explicit value wins
     shapes = dict(activation=(1, 8, 6, 6), weight=(8, 4, 3, 3))  # 288 elements each
-    on_cpu = cost.estimate(_stub_site("cpu", **shapes), None)
-    on_cuda = cost.estimate(_stub_site("cuda", **shapes), None)
-    assert on_cpu.pays and on_cpu.min_ratio == CPU_MIN_ACTIVATION_RATIO
-    assert not on_cuda.pays and on_cuda.min_ratio == CUDA_MIN_ACTIVATION_RATIO
-    assert on_cuda.reason() == f"cost: activation 1152 < {CUDA_MIN_ACTIVATION_RATIO} x weight 1152 bytes"
-    # An explicit value wins on every device; other devices take the CPU value.
-    assert cost.estimate(_stub_site("cuda", **shapes), 1.0).pays
-    assert cost.estimate(_stub_site("meta", **shapes), None).min_ratio == CPU_MIN_ACTIVATION_RATIO
-    assert default_min_activation_ratio("cuda") == CUDA_MIN_ACTIVATION_RATIO
+    for device in ("cpu", "cuda"):
+        by_time = cost.estimate(_stub_site(device, **shapes), Settings().activation_ratio)
+        by_memory = cost.estimate(_stub_site(device, **shapes), Settings(objective="memory").activation_ratio)
+        assert not by_time.pays and by_memory.pays
+    assert by_time.reason() == f"cost: activation 1152 < {TRAFFIC_BREAK_EVEN} x weight 1152 bytes"
+    with pytest.raises(ValueError, match="objective"):
+        Settings(objective="speed")
 
 
-def test_cpu_site_between_the_device_defaults_folds():
+@pytest.mark.parametrize("objective,folded", [("time", False), ("memory", True)])
+def test_a_site_between_the_objectives_folds_only_for_memory(objective, folded):
     model = ConvAffine(4, 8)  # 288-element weight, 1x8x6x6 output: ratio 1.0
-    check_against_eager(model, torch.randn(1, 4, 6, 6), pass_backend(AUTO))
-    assert _site().folded
+    x = torch.randn(1, 4, 6, 6)
+    assert check_against_eager(model, x, pass_backend(Settings(objective=objective, strict=True))) == int(folded)
+    assert _site().folded == folded and _site().declined_by_cost == (not folded)
 
 
 def test_pass_uuid_follows_the_effective_threshold():
     from compile_affine.passes.fold import _SOURCES, AffineFoldPass
 
-    # The per-device defaults live in settings.py, whose source the uuid hashes.
+    # The objectives' defaults live in settings.py, whose source the uuid hashes.
     assert any(p.endswith("compile_affine/settings.py") for p in _SOURCES)
-    uuids = {AffineFoldPass(Settings(min_activation_ratio=r)).uuid() for r in (None, 0.5, 3.5)}
-    assert len(uuids) == 3
+    uuids = {AffineFoldPass(Settings(min_activation_ratio=r)).uuid() for r in (None, 0.5, 3.0)}
+    uuids.add(AffineFoldPass(Settings(objective="memory")).uuid())
+    assert len(uuids) == 4
 
 
 def test_rule_compares_bytes_in_each_dtype():

@@ -77,10 +77,10 @@ def test_unknown_section_is_refused(tmp_path):
 
 
 def test_gpu_blocks_bracket_the_gpu_default():
-    from compile_affine.settings import CUDA_MIN_ACTIVATION_RATIO
+    from compile_affine.settings import TRAFFIC_BREAK_EVEN
 
     ratios = [gpu_check._act_per_weight(s, torch.bfloat16) for s in gpu_check.GPU_BLOCKS]  # as they run
-    assert min(ratios) < CUDA_MIN_ACTIVATION_RATIO / 2 and max(ratios) > 2 * CUDA_MIN_ACTIVATION_RATIO
+    assert min(ratios) < TRAFFIC_BREAK_EVEN / 2 and max(ratios) > 2 * TRAFFIC_BREAK_EVEN
 
 
 def test_a_run_killed_mid_way_leaves_the_sections_it_finished(tmp_path):

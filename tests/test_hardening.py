@@ -23,7 +23,8 @@ from .helpers import ALWAYS, _boxed, count, joint_graph, pass_backend
 from .nets import Chain, ConvAffine
 
 aten = torch.ops.aten
-AUTO = Settings(fold="auto", strict=True)
+MEMORY = Settings(fold="auto", objective="memory", strict=True)
+"""The cost rule at the memory objective's 0.3, whose break-even batch these models are built around."""
 
 
 def _train_and_compare(model, compiled, shapes, mark=None):
@@ -85,7 +86,7 @@ def test_training_with_dynamic_shapes_folds_without_recompiles(how, model_fn, sh
 
 class LateStage(torch.nn.Module):
     """A 64x64x3x3 conv (36864 weight elements) on a 4x4 map: 1024 output elements per
-    sample. At the default CPU ratio 0.3, folding pays from batch 11 on."""
+    sample. At ``objective="memory"``'s ratio 0.3, folding pays from batch 11 on."""
 
     def __init__(self):
         super().__init__()
@@ -101,14 +102,14 @@ def test_dynamic_batch_is_costed_at_the_smallest_batch_the_graph_serves():
     the fold would not pay: the decision is taken at batch 2 and declines. A static
     batch 32 folds. Batch 1 gets a graph of its own (Dynamo specializes it)."""
     model = LateStage().double()
-    compiled = torch.compile(model, backend=pass_backend(AUTO))
+    compiled = torch.compile(model, backend=pass_backend(MEMORY))
     _train_and_compare(model, compiled, [(32, 64, 4, 4)])
     (static,) = compile_affine.report().graphs
     assert static.folded == 1
 
     torch._dynamo.reset()
     compile_affine.reset()
-    compiled = torch.compile(model, backend=pass_backend(AUTO))
+    compiled = torch.compile(model, backend=pass_backend(MEMORY))
     _train_and_compare(model, compiled, [(32, 64, 4, 4), (1, 64, 4, 4)], mark=(0,))
     graphs = compile_affine.report().graphs
     assert len(graphs) == 2, [g.summary() for g in graphs]
@@ -121,7 +122,7 @@ def test_dynamic_batch_is_costed_at_the_smallest_batch_the_graph_serves():
 def test_mark_dynamic_min_raises_the_smallest_batch():
     """``mark_dynamic(x, 0, min=32)``: the guard allows no batch under 32, so the fold pays."""
     model = LateStage().double()
-    compiled = torch.compile(model, backend=pass_backend(AUTO))
+    compiled = torch.compile(model, backend=pass_backend(MEMORY))
     x = torch.randn(40, 64, 4, 4, dtype=torch.float64)
     torch._dynamo.mark_dynamic(x, 0, min=32, max=1024)
     torch.testing.assert_close(compiled(x), model(x))

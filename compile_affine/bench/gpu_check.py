@@ -8,8 +8,8 @@ and timing rounds stop at it; its table then says "partial" and what it left out
 
 1. blocks: conv -> affine -> relu blocks at ResNet-50 stage shapes (batch 32), from
    activation-heavy to weight-heavy, stock Inductor against every site folded: where
-   folding starts to pay on this GPU, the number ``settings.CUDA_MIN_ACTIVATION_RATIO``
-   only derives;
+   folding starts to pay on this GPU, the number ``settings.TRAFFIC_BREAK_EVEN`` (the
+   default ``objective="time"`` threshold) only derives;
 2. resnet: the seed's ResNet-50 as GPU users train it, bf16 autocast and channels_last,
    batch 32 at 224 px: affine/inductor, affine/compile_affine, none/inductor, bn/inductor,
    with a torch.profiler split of one step's device time by kernel class per variant;
@@ -155,8 +155,8 @@ def conv_ratios(model: torch.nn.Module, x: torch.Tensor) -> list[float]:
 
 
 def declined_by_default(ratios: list[float]) -> str:
-    thresholds = ca_settings.DEVICE_MIN_ACTIVATION_RATIO
-    return ", ".join(f"{dev} default {t}: {sum(r < t for r in ratios)} of {len(ratios)} declined" for dev, t in thresholds.items())
+    thresholds = ca_settings.OBJECTIVE_MIN_ACTIVATION_RATIO
+    return ", ".join(f"objective={obj} ({t}): {sum(r < t for r in ratios)} of {len(ratios)} declined" for obj, t in thresholds.items())
 
 
 # --- sections -----------------------------------------------------------------------
@@ -263,7 +263,7 @@ def run_blocks(plan: Plan, runner: Runner, deadline: float, shapes: list, pairs=
         ratio = _act_per_weight(shape, runner.dtype)
         for v in ready:
             rows.append({**_row(shape.name, v, ready), "act_per_weight": round(ratio, 2),
-                         "auto_would_fold": ratio >= ca_settings.default_min_activation_ratio(plan.device)})  # fmt: skip
+                         "auto_would_fold": ratio >= ca_settings.Settings().activation_ratio})  # fmt: skip
         if cut := _cut(plan, variants, ready):
             notes.append(f"{shape.name}: {cut}")
         del variants, ready  # before _release, so this shape's models and their compiled code can go
@@ -292,7 +292,7 @@ def _release() -> None:
 
 
 def device_facts() -> dict:
-    facts = {**machine(), "thresholds": dict(ca_settings.DEVICE_MIN_ACTIVATION_RATIO)}
+    facts = {**machine(), "thresholds": dict(ca_settings.OBJECTIVE_MIN_ACTIVATION_RATIO)}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         facts.update(cuda_version=torch.version.cuda, cudnn=torch.backends.cudnn.version(),

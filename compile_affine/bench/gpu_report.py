@@ -72,7 +72,7 @@ def write(out: pathlib.Path, command: str, device: str, budget_s: float, wall_s:
           sections: dict) -> dict:  # fmt: skip
     """gpu-check.json and gpu-check.md as they stand, each by an atomic rename."""
     result = {"command": command, "device": device, "budget_s": budget_s, "wall_s": round(wall_s, 1),
-              "machine": facts, "thresholds": dict(ca_settings.DEVICE_MIN_ACTIVATION_RATIO),
+              "machine": facts, "thresholds": dict(ca_settings.OBJECTIVE_MIN_ACTIVATION_RATIO),
               "sections": dict(sections)}  # fmt: skip
     for name, text in (("gpu-check.json", json.dumps(result, indent=2, default=str)), ("gpu-check.md", markdown(result))):
         tmp = out / f".{name}.tmp"

@@ -21,8 +21,8 @@ import compile_affine
 from .measure import saved_for_backward
 from .traffic import counting
 
-BACKENDS = ("eager", "inductor", "inductor-conv_bn_eval", "compile_affine", "compile_affine-always",
-            "compile_affine-epilogue", "inductor-max-autotune", "compile_affine-max-autotune")  # fmt: skip
+BACKENDS = ("eager", "inductor", "inductor-conv_bn_eval", "compile_affine", "compile_affine-memory",
+            "compile_affine-always", "compile_affine-epilogue", "inductor-max-autotune", "compile_affine-max-autotune")  # fmt: skip
 # Without CUDA graphs, so that against the default mode only autotuning (Triton conv
 # templates, with the affine in their epilogue) differs, not the launch overhead.
 MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
@@ -80,6 +80,8 @@ def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
     fold = "always" if backend.endswith("-always") else "auto"
     epilogue = "auto" if backend.endswith("-epilogue") else "off"
     ours = {"compile_affine": {**settings, "fold": fold, "epilogue": epilogue}}
+    if backend.endswith("-memory"):
+        ours["compile_affine"]["objective"] = "memory"
     if mode:  # torch.compile refuses mode= with options=; the backend takes both
         return torch.compile(model, backend=functools.partial(compile_affine.backend, mode=mode, options=ours))
     return torch.compile(model, backend="compile_affine", options=ours)

@@ -12,11 +12,11 @@ Folding trades activation-sized work for weight-sized work:
 So folding pays when the activation is large against the weight. Both sides are memory
 passes, so they are compared in bytes: the conv output's bytes (its dtype: 2 under bf16
 autocast) against the stored weight's (4 for fp32 parameters). The threshold,
-``Settings.min_activation_ratio``, is the activation bytes required per weight byte, and
-defaults per device: on CPU it is fitted to time with ``python -m compile_affine.bench``
-(docs/benchmarks.md; fitted in fp32, where bytes and elements give the same ratio); on
-CUDA it is the traffic break-even, the access-count ratio of what a fold adds against
-what it removes (docs/design.md, "On GPU").
+``Settings.activation_ratio``, is the activation bytes required per weight byte: by
+default the traffic break-even (``objective="time"``), the access-count ratio of what a
+fold adds against what it removes (docs/design.md, "On GPU"), or the lower ratio where
+CPU training steps measured time-neutral while freeing the conv output
+(``objective="memory"``, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import dataclasses
 import math
 
 import torch
-from ..settings import default_min_activation_ratio
 from .sites import Site
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +85,8 @@ def smallest(size: int | torch.SymInt) -> int:
     return max(int(lower), 1) if lower.is_finite else 1
 
 
-def estimate(site: Site, min_ratio: float | None) -> Estimate:
-    """``min_ratio`` None: the default for the device the site's weight lives on."""
-    if min_ratio is None:
-        min_ratio = default_min_activation_ratio(site.weight.meta["val"].device.type)
+def estimate(site: Site, min_ratio: float) -> Estimate:
+    """``min_ratio``: activation bytes required per weight byte (``Settings.activation_ratio``)."""
     return Estimate(
         activation_bytes=_nbytes(site.y.meta["val"]),
         weight_bytes=_nbytes(site.real_weight.meta["val"]),

@@ -157,7 +157,7 @@ def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.
     if reason is None and settings.fold == "never":
         reason = "fold='never'"
     if reason is None and settings.fold == "auto":
-        estimate = cost.estimate(site, settings.min_activation_ratio)
+        estimate = cost.estimate(site, settings.activation_ratio)
         if not estimate.pays:
             reason, summary_reason, declined = estimate.reason(), estimate.short_reason(), True
     if reason is None:
