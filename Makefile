@@ -2,6 +2,7 @@
 #   make bench      the main job: the benchmark (CPU by default; ARGS="..." adds flags)
 #   make test       the test suite on torch 2.14.1 (what .ci/run calls)
 #   make test-min   the test suite on torch 2.11.0, the oldest release pyproject.toml accepts
+#   make test-min-core  its `core` tests (folds and numerics, tests/conftest.py); .ci/run runs it
 #   make gpu-check  on a GPU machine: cuda tests and the GPU benchmark, results in $OUT
 #                   (else gpu-check-out/); ARGS=--dry-run runs it on CPU at tiny sizes
 #   make gpu-twin   the dry run on a twin of the GPU machine's interpreter (torch 2.11, no
@@ -18,7 +19,7 @@ TWIN_STAMP := $(TWIN_VENV)/.installed
 # that already holds torch, this checkout's venv if there is one, else $(PYTHON).
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 
-.PHONY: bench test test-min gpu-check gpu-twin install clean
+.PHONY: bench test test-min test-min-core gpu-check gpu-twin install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,9 @@ test: $(STAMP)
 
 test-min: $(MIN_STAMP)
 	$(MIN_VENV)/bin/python -m pytest -q $(ARGS)
+
+test-min-core: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -m pytest -q -m core $(ARGS)
 
 gpu-check:
 	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m compile_affine.bench.gpu_check $(ARGS)
