@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast dtype (float32: no autocast)")
     p.add_argument("--inference", action="store_true", help="time the forward under inference_mode instead of a training step")
     p.add_argument("--min-activation-ratio", type=float, help="compile_affine's cost threshold (default: the plugin's)")
+    p.add_argument("--objective", choices=("time", "memory"), help="compile_affine's objective (default: the plugin's)")
+    p.add_argument("--sgd-lr", type=float, help="end each timed step with an SGD step at this rate (default: none)")
+    p.add_argument("--num-classes", type=int, default=1000, help="resnet, finetune: the classifier's outputs")
     p.add_argument("--finetune", action="store_true", help="traffic: the eval-BN fine-tuning net (nets bn, none)")
     p.add_argument("--variants", help="comma-separated net/backend pairs, e.g. none/inductor,affine/compile_affine")
     p.add_argument("--shapes", help="blocks, layerscale: comma-separated indices into the shape matrix")
@@ -84,7 +87,8 @@ def _variants(spec: str, default: tuple[str, ...]) -> list[tuple[str, str]]:
 
 def run_resnet(args, runner: Runner) -> list[dict]:
     x = torch.randn(args.batch, 3, args.res, args.res)
-    variants = [Variant(net, backend, resnet50(net), x) for net, backend in _variants(args.variants, RESNET_VARIANTS)]
+    pairs = _variants(args.variants, RESNET_VARIANTS)
+    variants = [Variant(net, backend, resnet50(net, args.num_classes), x) for net, backend in pairs]
     runner.run(variants, args.steps, args.warmup)
     return [_row("resnet50", v, variants) for v in variants]
 
@@ -92,7 +96,7 @@ def run_resnet(args, runner: Runner) -> list[dict]:
 def run_finetune(args, runner: Runner) -> list[dict]:
     x = torch.randn(args.batch, 3, args.res, args.res)
     pairs = _variants(args.variants, FINETUNE_VARIANTS)
-    variants = [Variant(net, backend, resnet50_finetune(net), x) for net, backend in pairs]
+    variants = [Variant(net, backend, resnet50_finetune(net, args.num_classes), x) for net, backend in pairs]
     runner.run(variants, args.steps, args.warmup)
     return [_row("resnet50 eval-BN", v, variants) for v in variants]
 
@@ -196,10 +200,13 @@ def main(argv=None) -> int:
     torch._dynamo.config.accumulated_recompile_limit = 1024
     torch._dynamo.config.automatic_dynamic_shapes = False
     settings = {} if args.min_activation_ratio is None else {"min_activation_ratio": args.min_activation_ratio}
+    if args.objective:
+        settings["objective"] = args.objective
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if ddp:
         args.device = init_distributed(args.device)
-    runner = (zoo.ZooRunner if args.mode == "zoo" else Runner)(args.device, DTYPES[args.dtype], args.inference, settings, ddp=ddp)
+    runner = (zoo.ZooRunner if args.mode == "zoo" else Runner)(args.device, DTYPES[args.dtype], args.inference, settings, ddp=ddp,
+                                                               sgd_lr=args.sgd_lr)  # fmt: skip
     modes = {"resnet": run_resnet, "finetune": run_finetune, "zoo": zoo.run, "traffic": run_traffic}
     rows = modes.get(args.mode, run_blocks)(args, runner)
     info = machine()

@@ -42,11 +42,11 @@ NORMS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def resnet50(norm: str) -> nn.Module:
+def resnet50(norm: str, num_classes: int = 1000) -> nn.Module:
     from torchvision.models import resnet50 as tv_resnet50
 
     torch.manual_seed(0)
-    return tv_resnet50(norm_layer=NORMS[norm])
+    return tv_resnet50(norm_layer=NORMS[norm], num_classes=num_classes)
 
 
 class NormEval(nn.Module):
@@ -68,10 +68,10 @@ class NormEval(nn.Module):
         return self.model(x)
 
 
-def resnet50_finetune(norm: str) -> nn.Module:
+def resnet50_finetune(norm: str, num_classes: int = 1000) -> nn.Module:
     """``bn``: torchvision ResNet-50 with every BatchNorm in eval mode; ``none``: the norms
     replaced by ``nn.Identity`` (the floor). Running statistics are made non-trivial."""
-    model = resnet50(norm)
+    model = resnet50(norm, num_classes)
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):

@@ -46,6 +46,8 @@ class Variant:
     settings: dict = dataclasses.field(default_factory=dict)
     """compile_affine options for this variant alone, over the runner's."""
     label: str = ""
+    opt: torch.optim.Optimizer | None = None
+    """With the runner's ``sgd_lr``: the optimizer whose step each timed step includes."""
     peak_mib: float | None = None
     """CUDA: the step's peak allocation above what was allocated before it."""
     traffic_bytes: int | None = None
@@ -104,7 +106,11 @@ def progress(msg: str) -> None:
 
 class Runner:
     def __init__(self, device: str, dtype: torch.dtype, inference: bool = False, settings: dict | None = None,
-                 ddp: bool = False, channels_last: bool = False, fresh_caches: bool = True):  # fmt: skip
+                 ddp: bool = False, channels_last: bool = False, fresh_caches: bool = True,
+                 sgd_lr: float | None = None):  # fmt: skip
+        self.sgd_lr = sgd_lr
+        """Set: each step ends with an SGD step at this rate (timed with the backward), as a
+        training loop runs; None: forward and backward only."""
         self.channels_last = channels_last
         self.fresh_caches = fresh_caches
         """False: variants share Inductor's and Triton's caches, so a kernel two variants
@@ -138,6 +144,8 @@ class Runner:
         if v.grad is None:
             v.grad = torch.randn_like(out)
         out.backward(v.grad)
+        if v.opt is not None:
+            v.opt.step()
         self.sync()
         t2 = time.perf_counter()
         for p in v.model.parameters():
@@ -155,6 +163,8 @@ class Runner:
             if v.grad is None:
                 v.grad = torch.randn_like(out)
             out.backward(v.grad)
+            if v.opt is not None:
+                v.opt.step()
         end.record()
         end.synchronize()
         for p in v.model.parameters():
@@ -187,6 +197,8 @@ class Runner:
             ids = [self.device.index] if self.device.type == "cuda" else None
             v.model = DistributedDataParallel(v.model, device_ids=ids)
         v.fn = compiled(v.model, v.backend, {**self.settings, **v.settings})
+        if self.sgd_lr is not None and not self.inference:
+            v.opt = torch.optim.SGD(v.model.parameters(), lr=self.sgd_lr)
         # A fresh cache per variant: no variant reuses kernels another compiled.
         # Counting bytes is part of every variant's first step alike (Inductor walks its
         # scheduler nodes once more per graph), so compile times stay comparable.
