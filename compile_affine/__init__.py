@@ -42,5 +42,5 @@ def _register_by_name() -> None:
 
 _register_by_name()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["backend", "explain", "install", "installed", "uninstall", "report", "reset", "Report", "Settings", "__version__"]

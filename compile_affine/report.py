@@ -190,6 +190,12 @@ class Report:
     def fused_epilogues(self) -> int:
         return sum(e.fused for e in self.epilogues)
 
+    def reasons(self) -> Counter:
+        """How many sites were left unfolded for each reason (``SiteRecord.reason``), e.g.
+        ``Counter({"fold='never'": 3})``; empty when every site folded. One count per
+        site in each graph, as ``skipped`` counts them."""
+        return Counter(s.reason for s in self.sites if not s.folded)
+
     def layers(self) -> dict[tuple[str, ...], list[SiteRecord]]:
         """Each affine layer the user wrote, once however many graphs compiled it (a
         recompile, a training and an eval graph), with its record in each."""
