@@ -25,6 +25,9 @@ from .settings import Settings
 # and enables a log named after an importable module, so the env var works either way;
 # registering makes the name a known alias.
 torch._logging._internal.register_log("compile_affine", "compile_affine")
+# ``TORCH_LOGS="compile_affine_graphs"``: each graph before and after the pass (trace.py
+# says why a log named after a stub module rather than an artifact).
+torch._logging._internal.register_log("compile_affine_graphs", "compile_affine_graphs")
 
 
 def _register_by_name() -> None:

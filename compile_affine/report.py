@@ -22,6 +22,8 @@ import threading
 from collections import Counter
 from typing import Iterator
 
+from . import trace
+
 log = logging.getLogger("compile_affine")
 
 
@@ -287,6 +289,7 @@ def record(graph: GraphRecord) -> None:
         captured.append(graph)
     log.info("%s", graph.summary())
     _notice(graph)
+    trace.record(graph)  # the record as a TORCH_TRACE artifact (tlparse)
     if graph.internal:
         log.debug("%s: left out %d multiplies/adds written by decompositions of other ops (%s)",
                   graph.graph_name, sum(graph.internal.values()),

@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import stable_topological_sort
 
-from .. import report
+from .. import report, trace
 from ..settings import EXCLUDED, Settings
 from . import cost, legality, rewrite
 from .epilogue import fuse_epilogues
@@ -47,6 +47,7 @@ class AffineFoldPass(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         self.calls += 1
         gm = graph.owning_module
+        before = trace.graph_text(gm) if trace.graphs_wanted() else None  # the pass edits in place
         t0 = time.perf_counter()
         try:
             record = run(gm, self.settings, self.mutations)
@@ -55,6 +56,8 @@ class AffineFoldPass(CustomGraphPass):
         record.pass_s = time.perf_counter() - t0
         self.records.append(record)
         report.record(record)
+        if before is not None:
+            trace.graphs(record.graph_name, before, gm)
 
 
 def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = InputMutations()) -> report.GraphRecord:
