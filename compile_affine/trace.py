@@ -39,18 +39,24 @@ def tracing() -> bool:
     """Whether ``TORCH_TRACE`` (structured tracing) is on: its handler has a folder.
     Torch's own test, "the trace log has a handler", holds in any process until the
     first artifact (and under pytest, whose capture handlers sit there too)."""
-    from torch._logging._internal import LazyTraceHandler, trace_log
+    try:
+        from torch._logging._internal import LazyTraceHandler, trace_log
 
-    return any(isinstance(h, LazyTraceHandler) and (h.root_dir or h.stream) for h in trace_log.handlers)
+        return any(isinstance(h, LazyTraceHandler) and bool(h.root_dir or h.stream) for h in trace_log.handlers)
+    except Exception:  # another torch's internals: no graph dumps in the trace
+        return False
 
 
 def graphs_logged() -> bool:
     """Whether ``TORCH_LOGS`` (or ``torch._logging.set_logs(compile_affine_graphs=...)``)
     asked for the graphs. Torch's log state, not the logger's level: a root logger at
     INFO (``logging.basicConfig``, pytest) must not dump every graph."""
-    from torch._logging import _internal
+    try:
+        from torch._logging import _internal
 
-    return GRAPHS_LOG in dict(_internal.log_state.get_log_level_pairs())
+        return GRAPHS_LOG in dict(_internal.log_state.get_log_level_pairs())
+    except Exception:  # another torch's internals: fall back to the logger's own level
+        return graphs_log.isEnabledFor(logging.INFO)
 
 
 def graphs_wanted() -> bool:
@@ -73,7 +79,10 @@ def record(graph: Any) -> None:
 
 
 def graph_text(gm: Any) -> str:
-    return gm.print_readable(print_output=False, include_stride=True, include_device=True)
+    try:
+        return gm.print_readable(print_output=False, include_stride=True, include_device=True)
+    except Exception as e:  # a dump must never fail the compile
+        return f"<could not print the graph: {type(e).__name__}: {e}>"
 
 
 def graphs(name: str, before: str, gm: Any) -> None:
