@@ -158,3 +158,20 @@ def test_backbone_only_recipe():
     backbone = [s for s in sites if s.module.startswith("backbone.")]
     assert len(backbone) == 20 and all(s.folded for s in backbone)
     assert {(s.module, s.reason) for s in sites if not s.folded} == {("neck", EXCLUDED), ("bbox_head.1", EXCLUDED)}
+
+
+def test_an_excluded_eval_batch_norm_is_not_normalised():
+    """Normalising a batch norm only serves its fold: excluded (by its name or its conv's),
+    it stays Inductor's decomposition, and the graph reaches Inductor as it came."""
+    from .helpers import Captured, graph_text
+
+    for pattern in ("1", "0"):  # the batch norm, then the conv before it
+        torch._dynamo.reset()
+        compile_affine.reset()
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+        captured = Captured()
+        settings = Settings(fold="always", strict=True, exclude=[pattern])
+        torch.compile(model, backend=pass_backend(settings, captured))(torch.randn(2, 3, 6, 6)).sum().backward()
+        (site,) = compile_affine.report().sites
+        assert (site.kind, site.module, site.producer_module, site.reason) == ("batch_norm", "1", "0", EXCLUDED)
+        assert graph_text(captured.after[0]) == captured.before[0]
