@@ -39,6 +39,19 @@ def test_exclude_wins_over_modules_and_over_legality_reasons():
     settings = Settings(fold="always", modules=["blocks"], exclude=["blocks.0*", "*.2.conv"])
     assert _chain(settings) == {"blocks.0": False, "blocks.1": True, "blocks.2": False}
     assert [s.reason for s in compile_affine.report().sites if not s.folded] == [EXCLUDED, EXCLUDED]
+    # A site a legality rule refuses reports the exclusion when excluded.
+    def fn(x, w, s):
+        y = torch.nn.functional.conv2d(x, w)
+        return y * s + y  # the conv output is read twice: not legal
+
+    args = (torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3, requires_grad=True), torch.rand(1, 4, 1, 1, requires_grad=True))
+    reasons = []
+    for exclude in ((), ("*",)):
+        compile_affine.reset()
+        joint_graph(fn, *args, settings=Settings(fold="always", exclude=exclude))
+        (site,) = compile_affine.report().sites
+        reasons.append(site.reason)
+    assert reasons[0] not in (None, EXCLUDED) and reasons[1] == EXCLUDED, reasons
 
 
 def test_everything_excluded_leaves_the_graph_as_it_came():
