@@ -25,6 +25,9 @@ from .settings import Settings
 # and enables a log named after an importable module, so the env var works either way;
 # registering makes the name a known alias.
 torch._logging._internal.register_log("compile_affine", "compile_affine")
+# ``TORCH_LOGS="compile_affine_graphs"``: each graph before and after the pass (trace.py
+# says why a log named after a stub module rather than an artifact).
+torch._logging._internal.register_log("compile_affine_graphs", "compile_affine_graphs")
 
 
 def _register_by_name() -> None:
@@ -42,5 +45,5 @@ def _register_by_name() -> None:
 
 _register_by_name()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["backend", "explain", "install", "installed", "uninstall", "report", "reset", "Report", "Settings", "__version__"]

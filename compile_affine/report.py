@@ -22,6 +22,8 @@ import threading
 from collections import Counter
 from typing import Iterator
 
+from . import trace
+
 log = logging.getLogger("compile_affine")
 
 
@@ -190,6 +192,12 @@ class Report:
     def fused_epilogues(self) -> int:
         return sum(e.fused for e in self.epilogues)
 
+    def reasons(self) -> Counter:
+        """How many sites were left unfolded for each reason (``SiteRecord.reason``), e.g.
+        ``Counter({"fold='never'": 3})``; empty when every site folded. One count per
+        site in each graph, as ``skipped`` counts them."""
+        return Counter(s.reason for s in self.sites if not s.folded)
+
     def layers(self) -> dict[tuple[str, ...], list[SiteRecord]]:
         """Each affine layer the user wrote, once however many graphs compiled it (a
         recompile, a training and an eval graph), with its record in each."""
@@ -281,6 +289,7 @@ def record(graph: GraphRecord) -> None:
         captured.append(graph)
     log.info("%s", graph.summary())
     _notice(graph)
+    trace.record(graph)  # the record as a TORCH_TRACE artifact (tlparse)
     if graph.internal:
         log.debug("%s: left out %d multiplies/adds written by decompositions of other ops (%s)",
                   graph.graph_name, sum(graph.internal.values()),

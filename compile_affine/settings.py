@@ -8,6 +8,7 @@ name; every other key is Inductor's and is passed through untouched.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 from typing import Any, Literal, Mapping
 
@@ -67,6 +68,16 @@ class Settings:
     epilogue: EpiloguePolicy = "off"
     """``auto``: after folding, run ``conv -> (+bias) -> relu`` on CPU as one fused op
     (oneDNN post-op, ``compile_affine::conv_act``); ``off``: leave it to Inductor."""
+    modules: tuple[str, ...] | None = None
+    """Glob patterns (``fnmatch``) of qualified module names, as ``model.named_modules()``
+    gives them: only sites whose affine or producer module matches one fold. None: all.
+    A pattern matches a name or any dotted prefix of it, so ``backbone`` selects
+    everything under ``backbone``. A list is accepted and stored as a tuple."""
+    exclude: tuple[str, ...] = ()
+    """Glob patterns as for ``modules``: a site whose affine or producer module matches
+    one is not folded, even if ``modules`` selects it. A site either option turns away
+    is reported as ``excluded by option``, whatever legality would have said: the
+    user's word is checked first."""
 
     def __post_init__(self) -> None:
         for name in ("enabled", "strict"):
@@ -81,7 +92,16 @@ class Settings:
             raise ValueError(f"compile_affine option 'objective' must be one of {_OBJECTIVES}, got {self.objective!r}")
         if self.epilogue not in _EPILOGUE_POLICIES:
             raise ValueError(f"compile_affine option 'epilogue' must be one of {_EPILOGUE_POLICIES}, got {self.epilogue!r}")
+        # Frozen and hashed into the pass uuid: patterns are kept as a tuple.
+        if self.modules is not None:
+            object.__setattr__(self, "modules", _patterns("modules", self.modules))
+        object.__setattr__(self, "exclude", _patterns("exclude", self.exclude))
 
+    def selects(self, *names: str) -> bool:
+        """Whether a site whose affine and producer modules are ``names`` may fold."""
+        if any(matches(name, self.exclude) for name in names):
+            return False
+        return self.modules is None or any(matches(name, self.modules) for name in names)
 
     @property
     def activation_ratio(self) -> float:
@@ -89,6 +109,30 @@ class Settings:
         if self.min_activation_ratio is not None:
             return self.min_activation_ratio
         return OBJECTIVE_MIN_ACTIVATION_RATIO[self.objective]
+
+
+EXCLUDED = "excluded by option"
+"""The reason a site ``Settings.selects`` turns away is reported with."""
+
+
+def _patterns(name: str, value: Any) -> tuple[str, ...]:
+    # A bare string would iterate as one-letter patterns: ``modules="backbone"`` is a
+    # common slip, so it is an error rather than a guess.
+    if isinstance(value, str):
+        raise TypeError(f"compile_affine option {name!r} must be a list of module name patterns, "
+                        f"got the string {value!r}; write [{value!r}]")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"compile_affine option {name!r} must be a list of strings (module name patterns), got {value!r}")
+    return tuple(value)
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """``name`` (``layer1.0.bn1``) or one of its dotted prefixes (``layer1``, ``layer1.0``)
+    matches a pattern, case-sensitively. ``*`` crosses dots, as in ``fnmatch``."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(p, pattern) for pattern in patterns for p in prefixes)
+
 
 
 ACCEPTED_KEYS = tuple(f.name for f in dataclasses.fields(Settings))

@@ -13,8 +13,8 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import stable_topological_sort
 
-from .. import report
-from ..settings import Settings
+from .. import report, trace
+from ..settings import EXCLUDED, Settings
 from . import cost, legality, rewrite
 from .epilogue import fuse_epilogues
 from .sites import TRAINING_BATCH_NORM, BatchNorm, InputMutations, Site, backward_region, find_batch_norms, find_sites
@@ -46,14 +46,18 @@ class AffineFoldPass(CustomGraphPass):
 
     def __call__(self, graph: fx.Graph) -> None:
         self.calls += 1
+        gm = graph.owning_module
+        before = trace.graph_text(gm) if trace.graphs_wanted() else None  # the pass edits in place
         t0 = time.perf_counter()
         try:
-            record = run(graph.owning_module, self.settings, self.mutations)
+            record = run(gm, self.settings, self.mutations)
         except Exception as e:
             raise AffineFoldError(f"compile_affine pass failed: {type(e).__name__}: {e}") from e
         record.pass_s = time.perf_counter() - t0
         self.records.append(record)
         report.record(record)
+        if before is not None:
+            trace.graphs(record.graph_name, before, gm)
 
 
 def run(gm: fx.GraphModule, settings: Settings, mutations: InputMutations = InputMutations()) -> report.GraphRecord:
@@ -122,9 +126,17 @@ def _normalise_batch_norms(gm: fx.GraphModule, settings: Settings, mutations: In
     not are recorded here, and their ``sub(y, rm)`` is not judged again as a bare shift."""
     normalised = False
     for bn in find_batch_norms(gm, mutations):
-        reason = legality.batch_norm_problem(bn) or ("fold='never'" if settings.fold == "never" else None)
+        facts = _batch_norm_facts(bn)
+        reason = legality.batch_norm_problem(bn)
+        if reason != legality.TRAINING_MODE_BATCH_NORM:  # not a site at all, excluded or not
+            selected = settings.selects(facts["module"], facts["producer_module"])
+            reason = (None if selected else EXCLUDED) or reason or ("fold='never'" if settings.fold == "never" else None)
         if reason is None:
-            rewrite.normalise_batch_norm(gm.graph, bn)
+            anchor = rewrite.normalise_batch_norm(gm.graph, bn)
+            # The normalised conv is emitted with the batch norm's module stack; give it
+            # back its own, so the report (and ``exclude``) name the conv as its producer.
+            if bn.linear is None and "nn_module_stack" in bn.y.meta:
+                anchor.args[0].meta["nn_module_stack"] = bn.y.meta["nn_module_stack"]
             normalised = True
             continue
         for sub in (bn.sub, *bn.backward_subs):
@@ -134,7 +146,7 @@ def _normalise_batch_norms(gm: fx.GraphModule, settings: Settings, mutations: In
             # Normalised by its batch's statistics: no fixed affine to fold, so not a site.
             record.not_affine[TRAINING_BATCH_NORM] = record.not_affine.get(TRAINING_BATCH_NORM, 0) + 1
             continue
-        record.sites.append(report.SiteRecord(**_batch_norm_facts(bn), folded=False, reason=reason))
+        record.sites.append(report.SiteRecord(**facts, folded=False, reason=reason))
     return normalised
 
 
@@ -151,7 +163,10 @@ def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.
     if shift_problem and not site.shift_only:
         site.drop_shift()  # fold the multiply alone; the add stays
     facts = _facts(site)  # before the rewrite erases the nodes
-    reason = shift_problem if site.shift_only else None
+    # ``modules``/``exclude`` first: the user's word, reported as such even where a
+    # legality rule would also have refused the site.
+    reason = None if settings.selects(facts["module"], facts["producer_module"]) else EXCLUDED
+    reason = reason or (shift_problem if site.shift_only else None)
     reason = reason or legality.check(site)
     declined, summary_reason = False, None
     if reason is None and settings.fold == "never":
@@ -202,4 +217,18 @@ def _module(node: fx.Node) -> str:
     """The user's module the affine belongs to (``layer1.0.bn1``): with ``location``, which
     layer it is, the same in every graph that compiles it (a recompile, an eval graph)."""
     stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else ""
+    return qualified_name(next(reversed(stack.values()))[0]) if stack else ""
+
+
+_ROOT = re.compile(r"^(?:[LG]\[(['\"])[^'\"]*\1\]|self)(?:\.|$)")
+_INDEX = re.compile(r"\[(['\"]?)([^\]'\"]*)\1\]")
+_MODULES = re.compile(r"(?:^|(?<=\.))_modules\.")
+
+
+def qualified_name(path: str) -> str:
+    """Dynamo's module path as ``model.named_modules()`` names it: ``L['self'].layer1.0.bn1``
+    (torch 2.14), ``L['self'].layer1[0].bn1`` or ``self._modules['layer1']`` (other
+    releases) all give ``layer1.0.bn1``. The root (the compiled module, or the argument
+    or global a compiled function reads it from) is dropped; the root itself is ``""``."""
+    path = _INDEX.sub(lambda m: "." + m.group(2), _ROOT.sub("", path))
+    return _MODULES.sub("", path).strip(".")
