@@ -1,14 +1,15 @@
-"""How many conv -> affine pairs does DDP's graph splitting cost? (issue 20)
+"""How many conv -> affine pairs does DDP's graph splitting cost? (issues 20, 29)
 
 timm's train.py wraps the model in DistributedDataParallel and then compiles it. Dynamo's
 DDPOptimizer then splits the graph at gradient-bucket boundaries (``bucket_cap_mb``,
-25 MB by default) so that all-reduce overlaps backward. A piece that cut a conv from
-its affine would lose that fold (on ResNet-50 none does: every split falls between a
-block's last affine and its residual add or ReLU); the table gives the report's reason
-for each site left unfolded. A piece that starts with ``ReLU(inplace=True)`` mutates its
-own input; until issue 29 that refused the piece's first site.
+25 MB by default) so that all-reduce overlaps backward. A piece that cut a conv from its
+affine would lose that fold (on ResNet-50 none does: DDPOptimizer closes a bucket after
+the node whose parameters fill it, a conv, so every piece starts at a conv); the table
+gives the report's reason for each site left unfolded. A piece that starts with
+``out += identity`` or ``ReLU(inplace=True)`` updates its own input; until issue 29 that
+refused the site of the conv reading it.
 
-Three ways of running the seed's ResNet-50 (BatchNorm replaced by ``x * w + b``) under
+Four ways of running the seed's ResNet-50 (BatchNorm replaced by ``x * w + b``) under
 2 gloo ranks, each counting the affine layers folded with ``fold="always"`` (legality
 only, so the cost rule's shape-dependent declines do not blur the count):
 
@@ -19,6 +20,11 @@ only, so the cost rule's shape-dependent declines do not blur the count):
 * ``compile-then-wrap``: ``DDP(torch.compile(model))``. DDPOptimizer splits this one
   too: Dynamo sees the compiled module running under DDP's forward (measured: the same
   pieces as ``wrap-then-compile``).
+* ``python_reducer``: ``torch._dynamo.config.optimize_ddp = "python_reducer"`` with
+  compiled autograd (``torch._dynamo.config.compiled_autograd = True``, the step,
+  backward included, compiled): DDP's all-reduces are traced into the compiled
+  backward, so the forward stays one graph and keeps the overlap (torch's account of
+  the mode; not timed here). The bucket size changes nothing here either.
 
 Each row also trains the compiled wrapper and the same wrapper in eager for ``--steps``
 SGD steps in float64 (each rank its own data; the affine layers' weights and biases
@@ -47,7 +53,7 @@ import torch.multiprocessing as mp
 from .models import Affine2d, resnet50
 
 WORLD = 2
-ORDERS = ("wrap-then-compile", "optimize_ddp=False", "compile-then-wrap")
+ORDERS = ("wrap-then-compile", "optimize_ddp=False", "compile-then-wrap", "python_reducer")
 OPTIONS = {"compile_affine": {"fold": "always"}}
 
 
@@ -70,7 +76,8 @@ def _worker(rank: int, port: int, order: str, bucket_cap_mb: float, res: int, st
         import compile_affine
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        torch._dynamo.config.optimize_ddp = order != "optimize_ddp=False"
+        # Before DDP is built: its constructor picks the python reducer.
+        torch._dynamo.config.optimize_ddp = {"optimize_ddp=False": False, "python_reducer": "python_reducer"}.get(order, True)
         model = resnet50("affine")
         if steps:
             model = _randomised(model)
@@ -80,17 +87,28 @@ def _worker(rank: int, port: int, order: str, bucket_cap_mb: float, res: int, st
         else:
             trained = DDP(model, bucket_cap_mb=bucket_cap_mb)
             fn = torch.compile(trained, backend="compile_affine", options=OPTIONS)
+
+        def step(f, x):
+            f(x).square().mean().backward()
+
+        train_step = step
+        if order == "python_reducer":
+            # Compiled autograd traces the backward, DDP's all-reduces included, inside the
+            # compiled step; the forward is one graph.
+            torch._dynamo.config.compiled_autograd = True
+            train_step = torch.compile(step, backend="compile_affine", options=OPTIONS)
+            fn = trained
         dtype = next(model.parameters()).dtype
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, trained)]
         before = [p.detach().clone() for p in eager.parameters()]
-        for step in range(max(steps, 1)):
+        for _ in range(max(steps, 1)):
             x = torch.randn(2, 3, res, res, generator=gen, dtype=dtype)
-            for i, (f, opt) in enumerate(((fn, opts[1]), (eager, opts[0]))):
+            for i, (run, f, opt) in enumerate(((train_step, fn, opts[1]), (step, eager, opts[0]))):
                 if i and not steps:
                     break  # counting only: no eager run
                 opt.zero_grad()
-                f(x).square().mean().backward()
+                run(f, x)
                 opt.step()
         err = None
         if steps:
@@ -137,10 +155,10 @@ def main(argv=None) -> int:
     caps = [float(c) for c in args.bucket_cap_mb.split(",")]
     print(f"ResNet-50, {affines} affine layers, 2 gloo ranks, fold='always', {args.res} px"
           + (f", parameters after {args.steps} float64 SGD steps against eager DDP" if args.steps else ""))
-    print("| order | bucket_cap_mb | training graphs | affine sites seen | folded | not folded | why not | max param rel. err |")
+    print("| order | bucket_cap_mb | training graphs | affine sites seen | folded | not folded | why not | max param err / eager's update |")
     print("|---|---|---|---|---|---|---|---|")
     for order in args.orders.split(","):
-        for cap in caps[:1] if order == "optimize_ddp=False" else caps:
+        for cap in caps[:1] if order in ("optimize_ddp=False", "python_reducer") else caps:
             r = measure(order, cap, args.res, args.steps)
             err = "-" if r["err"] is None else f"{r['err']:.1e}"
             print(f"| {order} | {cap:g} | {r['graphs']} | {r['sites']} | {r['folded']} | {affines - r['folded']} "
