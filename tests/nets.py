@@ -152,3 +152,66 @@ class ConvNdAffine(nn.Module):
         if self.shift is not None:
             y = y - self.shift
         return torch.relu(y)
+
+
+class TinyResNet(nn.Module):
+    """torchvision's basic block in miniature, with a projection shortcut in every block and
+    the seed's ``x * w + b`` affine for BatchNorm and ``ReLU(inplace=True)``. As in
+    torchvision, the shortcut is computed after the block's last affine; when its conv
+    fills a DDP bucket (in float64 at ``bucket_cap_mb=1``, each 3x3 conv fills one, the
+    1x1 ``conv1`` does not), DDPOptimizer starts a graph piece there, and that piece updates
+    its own input in place (``out += identity``, then the in-place ReLU) before the next
+    block's conv reads it (ResNet-50's pieces start so)."""
+
+    def __init__(self, width=128, blocks=2):
+        from compile_affine.bench.models import Affine2d
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.stem_affine = Affine2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.blocks = nn.ModuleList()
+        for _ in range(blocks):
+            self.blocks.append(nn.ModuleDict({
+                name: module for k, size in (("1", 1), ("2", 3), ("_shortcut", 3))
+                for name, module in ((f"conv{k}", nn.Conv2d(width, width, size, padding=size // 2, bias=False)),
+                                     (f"affine{k}", Affine2d(width)))
+            }))  # fmt: skip
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, Affine2d):  # drawn, so that folding them is not the identity
+                    m.weight.uniform_(0.5, 1.5, generator=gen)
+                    m.bias.normal_(0, 0.1, generator=gen)
+
+    def forward(self, x):
+        x = self.relu(self.stem_affine(self.stem(x)))
+        for b in self.blocks:
+            out = self.relu(b["affine1"](b["conv1"](x)))
+            out = b["affine2"](b["conv2"](out))
+            out += b["affine_shortcut"](b["conv_shortcut"](x))
+            x = self.relu(out)
+        return x.mean((2, 3))
+
+
+class LayerScaleBlock(nn.Module):
+    """A ViT MLP block with LayerScale: ``x + fc2(gelu(fc1(x))) * gamma``."""
+
+    def __init__(self, dim=16, hidden=32):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x))) * self.gamma
+
+
+class LayerScaleStack(nn.Module):
+    def __init__(self, dim=16, depth=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(LayerScaleBlock(dim) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x

@@ -392,6 +392,40 @@ def test_mutated_running_stats_never_fold(how, monkeypatch):
     assert site.kind == "batch_norm" and site.reason.startswith("graph mutates"), site.reason
 
 
+class ReluInPlaceConvBN(nn.Module):
+    """``bn(conv(x.relu_()))``, x a graph input: a DDPOptimizer piece that starts before
+    ``ReLU(inplace=True)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return torch.tanh(self.bn(self.conv(x.relu_())))
+
+
+def test_mutated_conv_input_still_folds_the_batch_norm():
+    """Only the running statistics and the weight matter to ``batch_norm_problem``; the
+    conv input, updated in place before the conv, is read by the folded backward exactly
+    where stock's ``convolution_backward`` reads it (issue 29)."""
+    model = randomize(ReluInPlaceConvBN()).double()
+    results = []
+    for backend in (None, "compile_affine"):
+        torch._dynamo.reset()
+        m = copy.deepcopy(model)
+        torch.manual_seed(1)
+        leaf = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+        x = leaf * 1.5  # a non-leaf that requires grad, as the previous piece's activation
+        out = (m if backend is None else torch.compile(m, backend=backend, options=REAL))(x)
+        out.backward(torch.randn_like(out))
+        results.append([out, leaf.grad, *(p.grad for p in m.parameters()), *m.buffers(), x])
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-10, atol=1e-10, msg=lambda m: f"{i}: {m}")
+    (site,) = compile_affine.report()
+    assert site.kind == "batch_norm" and site.folded, site.reason
+
+
 def test_mode_switch_recompiles_without_the_fold():
     model = randomize(ConvBN(nn.Conv2d(3, 6, 3))).double()
     eager = copy.deepcopy(model)

@@ -220,3 +220,196 @@ def test_effectful_graph_is_not_folded():
     args = [torch.randn(2, 4, 7, 7), torch.randn(6, 4, 3, 3, requires_grad=True), torch.randn(1, 6, 1, 1, requires_grad=True)]
     torch.compile(f, backend=pass_backend(ALWAYS))(*args).sum().backward()
     assert only_site().reason.startswith("graph has effectful ops")
+
+
+# Mutated inputs, refused only where the fold would read what stock does not (issue 29).
+# Every case runs the real backend in float64 against eager (or, where stock Inductor
+# itself differs from eager, against stock): output, every gradient, buffers and the
+# caller's input after the call.
+
+D = torch.float64
+REAL = {"compile_affine": {"fold": "always", "strict": True}}
+
+
+class MutatingConv(torch.nn.Module):
+    """``conv(x, w, b) * s + t`` with one in-place update somewhere (``how``); ``buffers``
+    names the operands held as buffers (no grad) instead of parameters."""
+
+    def __init__(self, how: str, buffers: tuple = (), c_in: int = 4, c: int = 6):
+        super().__init__()
+        self.how = how
+        shapes = {"w": (c, c_in, 3, 3), "b": (c,), "s": (1, c, 1, 1), "t": (1, c, 1, 1)}
+        for name, shape in shapes.items():
+            value = torch.randn(shape, dtype=D)
+            if name in buffers:
+                self.register_buffer(name, value)
+            else:
+                setattr(self, name, torch.nn.Parameter(value))
+
+    def forward(self, x):
+        how = self.how
+        if how == "inside":
+            x = x * 2  # a non-leaf of the graph's own: no input is mutated at all
+            x.relu_()
+        elif how == "relu_":
+            x.relu_()
+        elif how == "mul_":
+            x.mul_(2)
+        elif how == "w.add_ under no_grad":
+            with torch.no_grad():
+                self.w.add_(0.1)
+        elif how == "s.mul_":
+            self.s.mul_(2)
+        y = torch.nn.functional.conv2d(x, self.w, self.b, padding=1) * self.s + self.t
+        if how == "t.add_ after use":
+            self.t.add_(1)
+        elif how == "x.mul_ after the conv":
+            x.mul_(2)
+        elif how == "x.data.mul_ after the conv":
+            x.data.mul_(2)
+        return y
+
+
+def _run(model, x_grad: bool, backend=None, options=None):
+    """One forward and backward of a copy of ``model`` (compiled when ``backend`` is given)
+    on a fresh input: a non-leaf that requires grad (``x_grad``, the shape of a
+    DDPOptimizer piece's input: the previous piece's activation), else a plain tensor.
+    Returns the output, the input's and every parameter's gradient, the buffers and the
+    caller's input after the call."""
+    torch._dynamo.reset()
+    model = copy.deepcopy(model)
+    torch.manual_seed(1)
+    leaf = torch.randn(2, 4, 7, 7, dtype=D, requires_grad=x_grad)
+    x = leaf * 1.5 if x_grad else leaf
+    fn = model if backend is None else torch.compile(model, backend=backend, options=options)
+    out = fn(x)
+    out.backward(torch.randn_like(out))
+    return [out, leaf.grad, *(p.grad for p in model.parameters()), *model.buffers(), x]
+
+
+def _assert_same(got, expected, what):
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        if b is None:
+            assert a is None, f"{what} {i}: expected None"
+        else:
+            assert_close_rel(a.detach(), b.detach(), 1e-10, f"{what} {i}")
+
+
+def _differential(model, x_grad, folded: bool, reference="eager", monkeypatch=None):
+    """Compile with the fold and check the decision and every value. ``reference="stock"``
+    compares with stock Inductor (``COMPILE_AFFINE=0``) where stock itself is not eager."""
+    if reference == "stock":
+        monkeypatch.setenv("COMPILE_AFFINE", "0")
+        expected = _run(model, x_grad, "compile_affine")
+        monkeypatch.setenv("COMPILE_AFFINE", "1")
+        compile_affine.reset()
+    else:
+        expected = _run(model, x_grad)
+    got = _run(model, x_grad, "compile_affine", REAL)
+    _assert_same(got, expected, f"against {reference}")
+    site = only_site()
+    assert site.folded == folded, site.reason
+    return site
+
+
+@pytest.mark.parametrize("how, x_grad", [("relu_", True), ("relu_", False), ("mul_", True), ("mul_", False), ("inside", True)],
+                         ids=["relu_ on a grad input", "relu_ on a no-grad input", "mul_ on a grad input",
+                              "mul_ on a no-grad input", "relu_ on the graph's own non-leaf"])  # fmt: skip
+def test_input_mutated_before_the_conv_folds(how, x_grad):
+    """``conv(x.relu_()) * s + t``, x a graph input (a DDPOptimizer piece starts this way
+    when the split falls before ``ReLU(inplace=True)``): the functionalized graph's conv
+    reads the fresh value ``relu(x)``, and stock's ``convolution_backward`` reads that
+    very node, as the folded backward does. The mutation reaches the caller's x after
+    the forward (in the graph's ``copy_`` epilogue, or AOTAutograd's runtime epilogue for
+    an input that requires grad) and never the saved value. ``mul_`` (not idempotent)
+    shows the saved value is the fresh one, not the input recomputed after its update."""
+    _differential(MutatingConv(how), x_grad, folded=True)
+
+
+@pytest.mark.parametrize("how, buffers, reason", [
+    ("w.add_ under no_grad", ("w",), "graph mutates weight"),
+    ("w.add_ under no_grad", (), "graph mutates weight"),
+    ("t.add_ after use", ("t",), "graph mutates shift"),
+], ids=["buffer weight", "parameter weight", "shift buffer after use"])  # fmt: skip
+def test_operand_mutated_in_place_is_refused(how, buffers, reason):
+    """The folded backward reads W, s and b where stock's does not (W and s to recompute
+    ``W * s``, b for the scale gradient's bias term), and the min-cut partitioner of
+    torch 2.14 may save a mutated graph input and recompute what was computed from it
+    in backward (see the next test). So an operand that is, views or is computed from
+    a mutated input still refuses (a false positive costs a fold). With the rule switched
+    off, both weight cases fold to wrong gradients and a wrong updated buffer (measured);
+    the shift folds right (the fold reads t in the forward only): refusing it is the
+    conservative rule's price, kept because a shift buffer is rarely updated in place."""
+    site = _differential(MutatingConv(how, buffers), x_grad=True, folded=False)
+    assert site.reason.startswith(reason), site.reason
+
+
+def test_scale_buffer_mutated_before_use_is_refused(monkeypatch):
+    """``self.s.mul_(2)`` on a buffer scale before it is used. Stock Inductor's gradients
+    of w and b differ from eager's here (torch 2.14: the min-cut partitioner saves the
+    buffer, which the graph's epilogue then updates, and recomputes ``s * 2`` from it in
+    backward; upstream's fix stops it saving inputs mutated after the forward). The fold
+    must leave exactly stock's graph: compared with stock."""
+    site = _differential(MutatingConv("s.mul_", ("s",)), x_grad=True, folded=False, reference="stock",
+                         monkeypatch=monkeypatch)  # fmt: skip
+    assert site.reason.startswith("graph mutates scale"), site.reason
+
+
+def test_conv_input_mutated_after_the_conv_is_an_error_as_in_eager():
+    """``y = conv(x) * s + t; x.mul_(2)``: autograd saved x for the conv's backward, so
+    eager raises at backward and the compile raises while tracing it. Nothing to fold."""
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _run(MutatingConv("x.mul_ after the conv"), x_grad=True)
+    with pytest.raises(Exception, match="modified by an inplace operation"):
+        _run(MutatingConv("x.mul_ after the conv"), x_grad=True, backend="compile_affine", options=REAL)
+
+
+@pytest.mark.parametrize("x_grad", [False, True], ids=["no-grad input", "grad input"])
+def test_conv_input_mutated_behind_autograd_after_the_conv(x_grad):
+    """``y = conv(x) * s + t; x.data.mul_(2)``: autograd does not see the update, and
+    eager's backward reads the updated x for the weight's gradient but the saved y for
+    the scale's. The fold's scale gradient ``<gW', W>`` would read x there too, so this
+    is a real hazard, decided from the functionalized graph:
+
+    * a no-grad input: the conv and stock's ``convolution_backward`` read the input
+      itself, which the graph's ``copy_`` epilogue updates before backward runs. Refused.
+    * an input that requires grad: the conv reads a clone of it, and stock's
+      ``convolution_backward`` reads the updated value, another node (as eager does).
+      The fold computes its scale gradient from its own ``convolution_backward`` on the
+      clone (the value eager's y came from) and leaves stock's in place: folds, and
+      matches eager.
+
+    With the rule switched off the no-grad case folds to a scale gradient 257x off
+    eager's (measured): the refusal is needed."""
+    site = _differential(MutatingConv("x.data.mul_ after the conv"), x_grad, folded=x_grad)
+    if not x_grad:
+        assert site.reason.startswith("graph mutates x"), site.reason
+
+
+class MutatingLinear(torch.nn.Module):
+    """``linear(x.relu_()) * gamma``: LayerScale on an input updated in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8).double()
+        self.gamma = torch.nn.Parameter(torch.randn(8, dtype=D))
+
+    def forward(self, x):
+        x.relu_()
+        return self.fc(x) * self.gamma
+
+
+def test_linear_input_mutated_before_the_linear_folds():
+    model = MutatingLinear()
+    results = []
+    for backend, options in ((None, None), ("compile_affine", REAL)):
+        torch._dynamo.reset()
+        m = copy.deepcopy(model)
+        torch.manual_seed(1)
+        leaf = torch.randn(3, 5, 8, dtype=D, requires_grad=True)
+        x = leaf * 1.5
+        out = (m if backend is None else torch.compile(m, backend=backend, options=options))(x)
+        out.backward(torch.randn_like(out))
+        results.append([out, leaf.grad, *(p.grad for p in m.parameters()), x])
+    _assert_same(results[1], results[0], "against eager")
+    assert only_site().folded, only_site().reason

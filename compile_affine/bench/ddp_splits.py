@@ -1,28 +1,45 @@
-"""How many conv -> affine pairs does DDP's graph splitting cost? (issue 20)
+"""How many conv -> affine pairs does DDP's graph splitting cost? (issues 20, 29)
 
 timm's train.py wraps the model in DistributedDataParallel and then compiles it. Dynamo's
 DDPOptimizer then splits the graph at gradient-bucket boundaries (``bucket_cap_mb``,
-25 MB by default) so that all-reduce overlaps backward. A piece that cuts a conv from
-its affine, or that starts by mutating its own input in place, loses that fold; the
-table gives the report's reason for each site left unfolded.
+25 MB by default) so that all-reduce overlaps backward. A piece that cut a conv from its
+affine would lose that fold (on ResNet-50 none does: DDPOptimizer closes a bucket after
+the node whose parameters fill it, a conv, so every piece starts at a conv); the table
+gives the report's reason for each site left unfolded. A piece that starts with
+``out += identity`` or ``ReLU(inplace=True)`` updates its own input; until issue 29 that
+refused the site of the conv reading it.
 
-Three ways of running the seed's ResNet-50 (BatchNorm replaced by ``x * w + b``) under
+Four ways of running the seed's ResNet-50 (BatchNorm replaced by ``x * w + b``) under
 2 gloo ranks, each counting the affine layers folded with ``fold="always"`` (legality
 only, so the cost rule's shape-dependent declines do not blur the count):
 
 * ``wrap-then-compile``: ``torch.compile(DDP(model))``, timm's order, DDPOptimizer on;
 * ``optimize_ddp=False``: the same order with ``torch._dynamo.config.optimize_ddp = False``
-  (one graph; all-reduce no longer overlaps backward inside it);
+  (one graph; all-reduce no longer overlaps backward inside it; the bucket size changes
+  nothing here, so it gets one row);
 * ``compile-then-wrap``: ``DDP(torch.compile(model))``. DDPOptimizer splits this one
   too: Dynamo sees the compiled module running under DDP's forward (measured: the same
   pieces as ``wrap-then-compile``).
+* ``python_reducer``: ``torch._dynamo.config.optimize_ddp = "python_reducer"`` with
+  compiled autograd (``torch._dynamo.config.compiled_autograd = True``, the step,
+  backward included, compiled): DDP's all-reduces are traced into the compiled
+  backward, so the forward stays one graph and keeps the overlap (torch's account of
+  the mode; not timed here). The bucket size changes nothing here either.
 
-    python -m compile_affine.bench.ddp_splits [--bucket-cap-mb 25] [--res 64]
+Each row also trains the compiled wrapper and the same wrapper in eager for ``--steps``
+SGD steps in float64 (each rank its own data; the affine layers' weights and biases
+randomised, so that folding them is not the identity) and gives the largest relative
+difference of any parameter afterwards: the fold must leave training where eager DDP
+leaves it, to rounding. The error is each parameter's difference from eager's relative to
+eager's total update, so a wrong gradient shows at its own size.
+
+    python -m compile_affine.bench.ddp_splits [--bucket-cap-mb 25,1] [--res 64] [--steps 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import socket
@@ -36,11 +53,22 @@ import torch.multiprocessing as mp
 from .models import Affine2d, resnet50
 
 WORLD = 2
-ORDERS = ("wrap-then-compile", "optimize_ddp=False", "compile-then-wrap")
+ORDERS = ("wrap-then-compile", "optimize_ddp=False", "compile-then-wrap", "python_reducer")
 OPTIONS = {"compile_affine": {"fold": "always"}}
 
 
-def _worker(rank: int, port: int, order: str, bucket_cap_mb: float, res: int, out: str) -> None:
+def _randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """The affine layers' weights and biases drawn (the same on every rank), float64."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Affine2d):
+                m.weight.uniform_(0.3, 0.6, generator=gen)  # larger ones blow up without norms
+                m.bias.normal_(0, 0.1, generator=gen)
+    return model.double()
+
+
+def _worker(rank: int, port: int, order: str, bucket_cap_mb: float, res: int, steps: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -48,18 +76,51 @@ def _worker(rank: int, port: int, order: str, bucket_cap_mb: float, res: int, ou
         import compile_affine
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        torch._dynamo.config.optimize_ddp = order != "optimize_ddp=False"
+        # Before DDP is built: its constructor picks the python reducer.
+        torch._dynamo.config.optimize_ddp = {"optimize_ddp=False": False, "python_reducer": "python_reducer"}.get(order, True)
         model = resnet50("affine")
+        if steps:
+            model = _randomised(model)
+        eager = DDP(copy.deepcopy(model), bucket_cap_mb=bucket_cap_mb)
         if order == "compile-then-wrap":
-            fn = DDP(torch.compile(model, backend="compile_affine", options=OPTIONS), bucket_cap_mb=bucket_cap_mb)
+            trained = fn = DDP(torch.compile(model, backend="compile_affine", options=OPTIONS), bucket_cap_mb=bucket_cap_mb)
         else:
-            fn = torch.compile(DDP(model, bucket_cap_mb=bucket_cap_mb), backend="compile_affine", options=OPTIONS)
-        fn(torch.randn(2, 3, res, res)).sum().backward()
+            trained = DDP(model, bucket_cap_mb=bucket_cap_mb)
+            fn = torch.compile(trained, backend="compile_affine", options=OPTIONS)
+
+        def step(f, x):
+            f(x).square().mean().backward()
+
+        train_step = step
+        if order == "python_reducer":
+            # Compiled autograd traces the backward, DDP's all-reduces included, inside the
+            # compiled step; the forward is one graph.
+            torch._dynamo.config.compiled_autograd = True
+            train_step = torch.compile(step, backend="compile_affine", options=OPTIONS)
+            fn = trained
+        dtype = next(model.parameters()).dtype
+        gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, trained)]
+        before = [p.detach().clone() for p in eager.parameters()]
+        for _ in range(max(steps, 1)):
+            x = torch.randn(2, 3, res, res, generator=gen, dtype=dtype)
+            for i, (run, f, opt) in enumerate(((train_step, fn, opts[1]), (step, eager, opts[0]))):
+                if i and not steps:
+                    break  # counting only: no eager run
+                opt.zero_grad()
+                run(f, x)
+                opt.step()
+        err = None
+        if steps:
+            # Of the updates, not the parameters: a wrong gradient shows at its own size.
+            err = max(((p - q).abs().max() / (q - p0).abs().max().clamp_min(1e-30)).item()
+                      for p, q, p0 in zip(trained.parameters(), eager.parameters(), before, strict=True))  # fmt: skip
         report = compile_affine.report()
-        reasons = Counter(s.short_reason for s in report.sites if not s.folded)
+        sites = [s for g in report.graphs if g.training for s in g.sites]
+        reasons = Counter(s.short_reason for s in sites if not s.folded)
         result = {"graphs": len({g.graph_name for g in report.graphs if g.training}),
-                  "sites": len(report.sites), "folded": report.folded,
-                  "why": "; ".join(f"{n}: {r}" for r, n in reasons.most_common())}  # fmt: skip
+                  "sites": len(sites), "folded": sum(s.folded for s in sites),
+                  "err": err, "why": "; ".join(f"{n}: {r}" for r, n in reasons.most_common())}  # fmt: skip
         with open(os.path.join(out, f"{rank}.json"), "w") as f:
             json.dump(result, f)
         dist.barrier()
@@ -67,31 +128,41 @@ def _worker(rank: int, port: int, order: str, bucket_cap_mb: float, res: int, ou
         dist.destroy_process_group()
 
 
-def measure(order: str, bucket_cap_mb: float, res: int) -> dict:
+def measure(order: str, bucket_cap_mb: float, res: int, steps: int = 0) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(port, order, bucket_cap_mb, res, out), nprocs=WORLD, start_method="spawn")
+        mp.start_processes(_worker, args=(port, order, bucket_cap_mb, res, steps, out), nprocs=WORLD, start_method="spawn")
         ranks = [json.load(open(os.path.join(out, f"{r}.json"))) for r in range(WORLD)]
-    assert ranks[0] == ranks[1], ranks  # same model, same buckets: the same split on every rank
-    return ranks[0]
+    # Same model, same buckets: the same split on every rank (the errors may differ).
+    assert [{**r, "err": None} for r in ranks][0] == {**ranks[1], "err": None}, ranks
+    errs = [r["err"] for r in ranks if r["err"] is not None]
+    return {**ranks[0], "err": max(errs) if errs else None}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m compile_affine.bench.ddp_splits", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP's bucket_cap_mb (25 is its default)")
+    p.add_argument("--bucket-cap-mb", default="25,1",
+                   help="DDP's bucket_cap_mb, comma-separated: one row per value and order (25 is DDP's default)")
     p.add_argument("--res", type=int, default=64, help="input px (the split depends on parameters, not on this)")
     p.add_argument("--orders", default=",".join(ORDERS))
+    p.add_argument("--steps", type=int, default=3,
+                   help="float64 SGD steps compared with eager DDP (0: count the folds only, in fp32)")
     args = p.parse_args(argv)
     affines = sum(isinstance(m, Affine2d) for m in resnet50("affine").modules())
-    print(f"ResNet-50, {affines} affine layers, 2 gloo ranks, bucket_cap_mb={args.bucket_cap_mb:g}, fold='always'")
-    print("| order | training graphs | affine sites seen | folded | not folded | why not |")
-    print("|---|---|---|---|---|---|")
+    caps = [float(c) for c in args.bucket_cap_mb.split(",")]
+    print(f"ResNet-50, {affines} affine layers, 2 gloo ranks, fold='always', {args.res} px"
+          + (f", parameters after {args.steps} float64 SGD steps against eager DDP" if args.steps else ""))
+    print("| order | bucket_cap_mb | training graphs | affine sites seen | folded | not folded | why not | max param err / eager's update |")
+    print("|---|---|---|---|---|---|---|---|")
     for order in args.orders.split(","):
-        r = measure(order, args.bucket_cap_mb, args.res)
-        print(f"| {order} | {r['graphs']} | {r['sites']} | {r['folded']} | {affines - r['folded']} | {r['why'] or '-'} |", flush=True)
+        for cap in caps[:1] if order in ("optimize_ddp=False", "python_reducer") else caps:
+            r = measure(order, cap, args.res, args.steps)
+            err = "-" if r["err"] is None else f"{r['err']:.1e}"
+            print(f"| {order} | {cap:g} | {r['graphs']} | {r['sites']} | {r['folded']} | {affines - r['folded']} "
+                  f"| {r['why'] or '-'} | {err} |", flush=True)  # fmt: skip
     return 0
 
 

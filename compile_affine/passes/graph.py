@@ -89,6 +89,23 @@ def reaches(node: Any, targets: set[fx.Node]) -> bool:
     return False
 
 
+def aliases(node: Any, targets: set[fx.Node]) -> bool:
+    """Whether ``node`` is one of ``targets`` or may share its storage: it is reached
+    through anything but an op known to compute a new tensor (``fresh_result``), so views,
+    ``getitem`` and ops of unknown schema count. A fresh value computed from a target does not."""
+    if not targets:
+        return False
+    stack, seen = [node] if isinstance(node, fx.Node) else [], set()
+    while stack:
+        n = stack.pop()
+        if n in targets:
+            return True
+        if n not in seen and n.op != "placeholder" and not fresh_result(n):
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
 def fresh_result(node: fx.Node) -> bool:
     """``node`` computes a new tensor from its inputs: it returns none of their storage
     (no view, no in-place or out= op, not the graph's output), so what it reads may be

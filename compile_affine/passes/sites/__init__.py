@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
 
+from ..graph import aliases
 from .base import (TRAINING_BATCH_NORM, Finding, InputMutations, Operand, Site, attach_scale_grad, attach_shift, backward_region,
                    mutated_primals, reaches, same_shape, shape_of, traced_for_backward)
 from .conv import CONV_ARG_NAMES, ConvSite, attach_conv_backward
@@ -71,7 +72,11 @@ def find_sites(gm: fx.GraphModule, seen_mutations: InputMutations = InputMutatio
             continue
         site.kind = anchor.meta.get(KIND, site.kind)
         # An operand may be a view of, or computed from, a mutated input (``b[:]``, ``b * 2``).
-        site.mutated_operands = [k for k, v in site.operands().items() if reaches(v, mutated)]
+        # The producer's input, where stock's backward reads the same node, only if it
+        # shares the mutated storage (see ``Site.input_read_by_stock_backward``).
+        shared = site.input_read_by_stock_backward()
+        site.mutated_operands = [k for k, v in site.operands().items()
+                                 if (aliases(v, mutated) if k == shared else reaches(v, mutated))]  # fmt: skip
         if effectful:
             site.graph_finding = (Finding.EFFECTFUL_GRAPH, "")
         sites.append(site)

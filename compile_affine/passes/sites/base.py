@@ -92,7 +92,8 @@ class Site:
     backward_finding: Noted | None = None
     """Set when backward nodes exist but do not have the shape autograd gives them."""
     mutated_operands: list[str] = dataclasses.field(default_factory=list)
-    """Operands that are, view, or are computed from inputs the graph mutates (training)."""
+    """Operands that are, view, or are computed from inputs the graph mutates (training);
+    for the input of ``input_read_by_stock_backward``, only one that is or views one."""
     graph_finding: Noted | None = None
     """Set when something about the whole graph rules folding out."""
     producer_finding: Noted | None = None
@@ -139,6 +140,16 @@ class Site:
     def computes_weight_grad(self) -> bool:
         """Whether the model already computes the weight's gradient (the fold reuses it)."""
         raise NotImplementedError
+
+    def input_read_by_stock_backward(self) -> str | None:
+        """The operand (by ``operands()`` name) that is the producer's activation input,
+        when autograd's own backward already reads that very node: the conv's
+        ``convolution_backward``, the linear's weight-gradient matmul. The folded backward
+        reads it there and nowhere else, so only a mutation that reaches the saved
+        storage (the input is, or views, a mutated graph input) is a hazard the fold adds;
+        a fresh value computed from a mutated input (``conv(x.relu_())``) is read as stock
+        reads it. None when the fold would add the only backward read."""
+        return None
 
     def backward_nodes(self) -> list[fx.Node]:
         """The backward nodes the rewrite will edit: no two sites may share one."""

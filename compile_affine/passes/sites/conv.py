@@ -50,6 +50,10 @@ class ConvSite(Site):
     def computes_weight_grad(self) -> bool:
         return self.conv_backward is not None and bool(self.conv_backward.args[-1][1])
 
+    def input_read_by_stock_backward(self) -> str | None:
+        # ``attach_conv_backward`` takes a ``convolution_backward`` only if it reads this x.
+        return "x" if self.conv_backward is not None else None
+
     def backward_nodes(self) -> list[fx.Node]:
         return [n for n in (self.conv_backward, self.grad_scale_sum) if n is not None]
 

@@ -82,6 +82,11 @@ class LinearSite(Site):
     def computes_weight_grad(self) -> bool:
         return bool(self.grad_weight_mms)
 
+    def input_read_by_stock_backward(self) -> str | None:
+        # The weight-gradient matmuls read A (or its transpose); the fold reads A nowhere
+        # else in backward (the scale's gradient comes from theirs).
+        return "input" if self.grad_weight_mms else None
+
     def not_an_affine_layer(self) -> str | None:
         """An add of a full-sized value between the linear and the scale is a residual
         add (``x + mlp(x)``), not the linear's bias: what follows scales the residual
