@@ -5,7 +5,7 @@ nothing from the package, so no import cycle can run through it.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 import torch.fx as fx
@@ -76,23 +76,19 @@ def only_user(node: fx.Node, target: Any = None) -> fx.Node | None:
 def reaches(node: Any, targets: set[fx.Node]) -> bool:
     """Whether ``node`` is, views, or is computed from one of ``targets``. Computed values
     count too: the partitioner may recompute them in backward from a mutated input."""
-    if not targets:
-        return False
-    stack, seen = [node] if isinstance(node, fx.Node) else [], set()
-    while stack:
-        n = stack.pop()
-        if n in targets:
-            return True
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return False
+    return _walks_to(node, targets, lambda n: True)
 
 
 def aliases(node: Any, targets: set[fx.Node]) -> bool:
     """Whether ``node`` is one of ``targets`` or may share its storage: it is reached
     through anything but an op known to compute a new tensor (``fresh_result``), so views,
     ``getitem`` and ops of unknown schema count. A fresh value computed from a target does not."""
+    return _walks_to(node, targets, lambda n: n.op != "placeholder" and not fresh_result(n))
+
+
+def _walks_to(node: Any, targets: set[fx.Node], through: Callable[[fx.Node], bool]) -> bool:
+    """Whether a walk up the inputs from ``node``, entering only nodes ``through`` admits,
+    meets one of ``targets``."""
     if not targets:
         return False
     stack, seen = [node] if isinstance(node, fx.Node) else [], set()
@@ -100,7 +96,7 @@ def aliases(node: Any, targets: set[fx.Node]) -> bool:
         n = stack.pop()
         if n in targets:
             return True
-        if n not in seen and n.op != "placeholder" and not fresh_result(n):
+        if n not in seen and through(n):
             seen.add(n)
             stack.extend(n.all_input_nodes)
     return False
