@@ -35,7 +35,7 @@ def markdown(result: dict) -> str:
              f"{result['wall_s']:.0f} s in all, budget {result['budget_s']:.0f} s.", "",
              "Step times are medians of interleaved training steps; `x stock same net` is the "
              "step time over stock Inductor's on the same net. `default folds`: whether the "
-             f"cost rule's default for {result['device']} ({result['thresholds'][result['device']]}) folds that shape.",
+             f"cost rule's default (objective=\"time\", {result['thresholds']['time']}) folds that shape.",
              ""]  # fmt: skip
     for name, sec in result["sections"].items():
         lines += [f"## {name}: {sec['status']} ({sec.get('seconds', 0):.0f} s)", ""]
