@@ -151,12 +151,23 @@ def _run(mode: str, tmp_path) -> list[dict]:
     ctx = mp.start_processes(_worker, args=(mode, _free_port(), str(tmp_path)), nprocs=WORLD, join=False,
                              start_method="spawn")  # fmt: skip
     deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{mode}: ranks did not finish in {TIMEOUT_S}s")
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    files = [tmp_path / f"rank{r}.json" for r in range(WORLD)]
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"{mode}: ranks did not finish in {TIMEOUT_S}s")
+    except mp.ProcessExitedException:
+        # Under load gloo sometimes aborts a rank while it tears down ("terminate called
+        # without an active exception"), after its checks are done. A rank writes its file
+        # only when every step and check has run, so with every file there the results
+        # stand; without them, the crash is the failure.
+        if not all(f.exists() for f in files):
+            raise
+        for p in ctx.processes:
+            p.join(timeout=30)
+    return [json.loads(f.read_text()) for f in files]
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
