@@ -30,9 +30,10 @@ TRAFFIC_BREAK_EVEN = 3.5
 it adds 7 weight-sized accesses (``W * s`` in forward and again in backward, 2 each;
 ``gW' * s`` with ``sum(gW' * W)``, 3) and removes at least 2 activation-sized ones (the
 reads of ``y`` and ``g`` for ``sum(g * y)``), each costing its tensor's bytes
-(docs/design.md, "On GPU"). Where every site clears it, a step moves no more bytes than
-stock's, so it is never slower on a bandwidth-bound device, and on CPU every block
-measured above it stepped faster than stock (docs/benchmarks.md, "The cost rule")."""
+(docs/design.md, "The cost rule's objective, and on GPU"). Where every site clears it,
+a step moves no more bytes than stock's, which is time on a bandwidth-bound device, and
+on CPU every block measured above it stepped faster than stock (docs/benchmarks.md,
+"The cost rule")."""
 MEMORY_MIN_ACTIVATION_RATIO = 0.3
 """The lowest ratio at which folding measured time-neutral within the CPU benchmark's
 noise (fitted on fp32 training steps, docs/benchmarks.md "The re-fitted default"): below
@@ -56,7 +57,7 @@ class Settings:
     site; ``never``: recognise and report sites but fold none."""
     objective: Objective = "time"
     """What ``fold="auto"`` optimises. ``time``: fold only sites where the fold moves fewer
-    bytes than it saves (``TRAFFIC_BREAK_EVEN``), so a step is never slower than stock's.
+    bytes than it saves (``TRAFFIC_BREAK_EVEN``), so no fold adds bytes to a step.
     ``memory``: also fold where it costs some time but frees the conv output
     (``MEMORY_MIN_ACTIVATION_RATIO``)."""
     min_activation_ratio: float | None = None

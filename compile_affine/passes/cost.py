@@ -14,9 +14,9 @@ passes, so they are compared in bytes: the conv output's bytes (its dtype: 2 und
 autocast) against the stored weight's (4 for fp32 parameters). The threshold,
 ``Settings.activation_ratio``, is the activation bytes required per weight byte: by
 default the traffic break-even (``objective="time"``), the access-count ratio of what a
-fold adds against what it removes (docs/design.md, "On GPU"), or the lower ratio where
-CPU training steps measured time-neutral while freeing the conv output
-(``objective="memory"``, docs/benchmarks.md).
+fold adds against what it removes (docs/design.md, "The cost rule's objective, and on
+GPU"), or the lower ratio where CPU training steps measured time-neutral while freeing
+the conv output (``objective="memory"``, docs/benchmarks.md).
 """
 
 from __future__ import annotations
