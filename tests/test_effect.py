@@ -1,12 +1,14 @@
 """What folding buys, asserted structurally: sites counted in the report and the
 conv output no longer saved for backward."""
 
+import copy
 import logging
 
 import torch
 
 import compile_affine
 from compile_affine.bench.measure import saved_for_backward
+from compile_affine.settings import Settings
 
 from .helpers import ALWAYS, pass_backend
 from .nets import Chain, ConvAffine
@@ -38,7 +40,9 @@ def test_conv_output_is_not_saved(monkeypatch):
 
 
 def test_saved_bytes_match_the_net_without_affine():
-    """Neither the conv output nor W*s is kept: the same bytes as no affine at all (+ s, t)."""
+    """Neither the conv output nor W*s is kept: the same bytes as no affine at all (+ s, t).
+    That is the memory objective's promise; the time objective saves a float for the last
+    ReLU's mask where the net without affine saves a bool (the test after next)."""
     x = torch.randn(2, 4, 12, 12)
     affine = Chain()
     plain = Chain()
@@ -46,9 +50,10 @@ def test_saved_bytes_match_the_net_without_affine():
         block.scale = None
         block.shift = None
         block.forward = lambda x, b=block: torch.relu(b.conv(x))
-    folded = _saved(affine, x, backend=pass_backend(ALWAYS))
+    memory = Settings(fold="always", strict=True, objective="memory")
+    folded = _saved(affine, x, backend=pass_backend(memory))
     torch._dynamo.reset()
-    baseline = _saved(plain, x, backend=pass_backend(ALWAYS))
+    baseline = _saved(plain, x, backend=pass_backend(memory))
     scale_and_shift_bytes = sum(b.scale.nbytes + b.shift.nbytes for b in affine.blocks)
     assert folded.bytes <= baseline.bytes + scale_and_shift_bytes
 
@@ -71,3 +76,64 @@ def test_report_reset():
     assert len(compile_affine.report()) == 1
     compile_affine.reset()
     assert len(compile_affine.report()) == 0
+
+
+class Stem(torch.nn.Module):
+    """A ResNet stem: conv, learnable affine, ReLU, max-pool; nothing else reads the ReLU."""
+
+    def __init__(self, learnable: bool = True):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.scale = torch.nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5, requires_grad=learnable)
+        self.shift = torch.nn.Parameter(torch.randn(1, 8, 1, 1), requires_grad=learnable)
+
+    def forward(self, x):
+        return torch.nn.functional.max_pool2d(torch.relu(self.conv(x) * self.scale + self.shift), 2)
+
+
+def _saved_dtypes(model, x, settings) -> list:
+    torch._dynamo.reset()
+    compile_affine.reset()
+    compiled = torch.compile(model, backend=pass_backend(settings))
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = compiled(x)
+    out.sum().backward()
+    assert compile_affine.report().folded == 1
+    return saved
+
+
+def test_the_relu_mask_after_a_fold_is_recomputed_not_stored_on_cpu():
+    """Stock saves the conv output (for the scale's gradient) and recomputes the ReLU mask
+    in backward. Folded, the partitioner would store the mask as a bool instead, a store
+    Inductor's CPU code makes slow (passes/rewrite/masks.py). Under the time objective
+    the mask stays recomputed and a float of the conv output's size is saved, as stock
+    saves; under the memory objective, or where stock saved no float (a frozen scale),
+    the smaller bool is kept."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    mask = (torch.bool, (2, 8, 12, 12))
+    timed = _saved_dtypes(Stem(), x, ALWAYS)
+    assert torch.bool not in {dtype for dtype, _ in timed}
+    assert (torch.float32, (2, 8, 12, 12)) in timed
+    assert mask in _saved_dtypes(Stem(), x, Settings(fold="always", strict=True, objective="memory"))
+    assert mask in _saved_dtypes(Stem(learnable=False), x, ALWAYS)
+
+
+def test_a_recomputed_relu_mask_gives_eager_gradients():
+    torch.manual_seed(0)
+    model, x = Stem().double(), torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compile_affine.reset()
+    compiled = torch.compile(model, backend=pass_backend(ALWAYS))
+    compiled(x).square().sum().backward()
+    eager(x).square().sum().backward()
+    assert compile_affine.report().folded == 1
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)

@@ -85,6 +85,15 @@ def smallest(size: int | torch.SymInt) -> int:
     return max(int(lower), 1) if lower.is_finite else 1
 
 
+def recomputes_relu_mask(site: Site, objective: str) -> bool:
+    """Whether a fold of ``site`` should keep the ReLU mask after it recomputed in backward
+    (rewrite/masks.py): for time, on CPU, where the unfolded backward already saved a float
+    of that size (``y``, for the scale's gradient), so the saved bytes stay no more than
+    stock's. Under ``objective="memory"`` the smaller bool mask is kept."""
+    device = getattr(site.y.meta.get("val"), "device", None)
+    return objective == "time" and site.grad_scale_mul is not None and getattr(device, "type", None) == "cpu"
+
+
 def estimate(site: Site, min_ratio: float) -> Estimate:
     """``min_ratio``: activation bytes required per weight byte (``Settings.activation_ratio``)."""
     return Estimate(

@@ -176,7 +176,10 @@ def _decide_and_fold(graph: fx.Graph, site: Site, settings: Settings) -> report.
         if not estimate.pays:
             reason, summary_reason, declined = estimate.reason(), estimate.short_reason(), True
     if reason is None:
-        rewrite.fold_site(graph, site)
+        keep_mask_float = cost.recomputes_relu_mask(site, settings.objective)  # before the rewrite erases g * y
+        folded = rewrite.fold_site(graph, site)
+        if keep_mask_float:
+            rewrite.recompute_relu_masks(folded)
     log.debug("site %s: %s", facts["location"], reason or "folded")
     return report.SiteRecord(**facts, folded=reason is None, reason=reason, declined_by_cost=declined,
                              summary_reason=summary_reason)

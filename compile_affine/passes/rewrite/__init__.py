@@ -30,6 +30,7 @@ from .batchnorm import normalise as normalise_batch_norm
 from .common import REFUSED_BATCH_NORM, Emitter
 from .conv import fold_conv
 from .linear import fold_linear
+from .masks import recompute_relu_masks
 
 aten = torch.ops.aten
 
@@ -84,4 +85,4 @@ def fold_site(graph: fx.Graph, site: Site) -> fx.Node:
     return fold_conv(graph, site)
 
 
-__all__ = ["REFUSED_BATCH_NORM", "drop_addcmul_unit_factors", "drop_clones_of_convolutions", "Emitter", "fold_site", "fold_conv", "fold_linear", "normalise_batch_norm"]
+__all__ = ["REFUSED_BATCH_NORM", "drop_addcmul_unit_factors", "drop_clones_of_convolutions", "Emitter", "fold_site", "fold_conv", "fold_linear", "normalise_batch_norm", "recompute_relu_masks"]
