@@ -99,18 +99,8 @@ def register_user_lowering(op: torch._ops.OpOverload, fn: Any) -> None:
 # (a reshaped shift, say) does not implement; 2.14's realizes views first. Releases in
 # between were not checked, so they get the 2.11 treatment.
 _TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-_CONV_TAKES_VIEW_BIAS = _TORCH >= (2, 14)
-
-
-def conv_bias(emit: Any, bias: Any) -> Any:
-    """``bias`` as the folded conv may take it: on older Inductor, never a bare view.
-    ``neg(neg(b))`` is exact and lowers to a buffer (``clone`` would be dropped as a no-op)."""
-    from .passes.graph import VIEW_OPS
-
-    if _CONV_TAKES_VIEW_BIAS or bias is None or getattr(bias, "target", None) not in VIEW_OPS:
-        return bias
-    aten = torch.ops.aten
-    return emit(aten.neg.default, emit(aten.neg.default, bias))
+CONV_TAKES_VIEW_BIAS = _TORCH >= (2, 14)
+"""Whether Inductor's conv lowering takes a view for its bias (``rewrite.common.conv_bias``)."""
 
 
 # torch 2.11's Inductor (CPU, seen on convnext_atto) can fuse the zero fill of an

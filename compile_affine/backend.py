@@ -12,10 +12,10 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import records, report
+from . import record_store, report
 from ._compat import compile_inductor, get_custom_graph_passes, joint_passes
 from .passes.fold import AffineFoldError, AffineFoldPass
-from .passes.sites import InputMutations
+from .passes.mutations import mutated_inputs
 from .settings import Settings, split_options
 
 log = logging.getLogger("compile_affine")
@@ -70,11 +70,11 @@ def compile_with_pass(inductor: Any, gm: torch.fx.GraphModule, example_inputs: S
         return compile_inductor(inductor, gm, example_inputs, config_patches)
     key = records_key(gm, example_inputs, passes, config)
     if fold_pass.calls:
-        records.persist(key, fold_pass.records)
+        record_store.persist(key, fold_pass.records)
     else:
         # AOTAutograd's cache served the graph, so the pass did not run this time: report
         # what the compile that made the entry recorded, if it left its records.
-        restored = records.restore(key)
+        restored = record_store.restore(key)
         for graph in restored or [report.GraphRecord(graph_name=report.next_graph_name(), training=False, cache_hit=True)]:
             report.record(graph)
     return compiled
@@ -101,42 +101,10 @@ def records_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], passes:
     env = ctx.fake_mode.shape_env if ctx is not None and ctx.fake_mode is not None else None
     ranges = sorted((str(k), str(v)) for k, v in env.var_to_range.items()) if env is not None else None
     autocast = [(d, torch.is_autocast_enabled(d), str(torch.get_autocast_dtype(d))) for d in ("cpu", "cuda")]
-    parts = (torch.__version__, records.RECORDS_LAYOUT, [pass_id(p) for p in passes], gm.code,
+    parts = (torch.__version__, record_store.RECORDS_LAYOUT, [pass_id(p) for p in passes], gm.code,
              [meta(x) for x in example_inputs], ranges, torch.is_grad_enabled(), autocast,
              sorted((k, str(v)) for k, v in inductor_config.items() if k != "joint_custom_pre_pass"))  # fmt: skip
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
-
-
-def mutated_inputs(gm: torch.fx.GraphModule) -> InputMutations:
-    """Indices of Dynamo graph inputs that the graph may mutate in place.
-
-    Conservative on purpose: any input (or view of it) passed first to an op whose name
-    ends in ``_`` (``add_``, ``copy_``...), to ``setitem`` or an augmented assignment
-    (``+=``), or as an ``out=`` argument counts.
-    A false positive only costs a fold.
-    """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    aliases = {n: i for i, n in enumerate(placeholders)}
-    mutated = set()
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
-            continue
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
-        if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_OPERATORS:
-            mutated.update(aliases[a] for a in args[:1] if a in aliases)
-        if isinstance(node.kwargs.get("out"), torch.fx.Node) and node.kwargs["out"] in aliases:
-            mutated.add(aliases[node.kwargs["out"]])
-        # Views share storage: a mutation through a view mutates the input.
-        if args and args[0] in aliases and name in _VIEW_OPS:
-            aliases[node] = aliases[args[0]]
-    return InputMutations(inputs=len(placeholders), mutated=frozenset(mutated))
-
-
-_INPLACE_OPERATORS = {"setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "ipow", "iand", "ior", "ixor"}
-_VIEW_OPS = {"view", "reshape", "transpose", "permute", "expand", "__getitem__", "getitem", "select", "narrow",
-             "unsqueeze", "squeeze", "flatten", "unflatten", "t", "as_strided", "view_as", "split", "chunk",
-             "unbind", "diagonal", "movedim", "detach"}  # fmt: skip
 
 
 def _chain(config: dict[str, Any], ours: AffineFoldPass) -> list:

@@ -7,7 +7,7 @@ of a model). Only affines the user wrote are sites: the multiplies and
 adds inside another op's decomposition (GELU's ``x * 0.5``, LayerNorm's ``x * rstd``)
 are counted per graph (``GraphRecord.internal``) and named at DEBUG level, not listed.
 
-Each compile's records are also written beside Inductor's caches (``records.py``), so a
+Each compile's records are also written beside Inductor's caches (``record_store.py``), so a
 graph that AOTAutograd's cache serves in a later process, where the pass does not run,
 still reports the sites and decisions it was compiled with.
 """

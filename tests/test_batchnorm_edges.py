@@ -131,7 +131,7 @@ def test_records_key_covers_autocast():
 
 
 def test_an_unreadable_kept_report_is_ignored(tmp_path, monkeypatch):
-    from compile_affine import records
+    from compile_affine import record_store as records
 
     monkeypatch.setattr(records, "_records_dir", lambda: str(tmp_path))
     (tmp_path / "k1.json").write_text(json.dumps([{"graph_name": "g", "training": True, "an_old_field": 1}]))

@@ -15,6 +15,7 @@ from torch._inductor.decomposition import select_decomp_table
 import compile_affine
 from compile_affine.passes import cost
 from compile_affine.passes.fold import AffineFoldPass
+from compile_affine.passes.mutations import graph_facts
 from compile_affine.passes.sites import find_sites
 from compile_affine.report import capture
 from compile_affine.settings import Settings
@@ -150,7 +151,7 @@ def test_expanded_bmm_weight_is_costed_and_scaled_as_stored():
                 and n.meta.get("recompute")], "no batch-sized copy of the folded weight"  # fmt: skip
     # The cost rule sees the stored weight.
     _, unfolded = joint_graph(fn, x, weight, gamma, settings=Settings(fold="never", strict=True))
-    (found,) = find_sites(unfolded)
+    (found,) = find_sites(unfolded, graph_facts(unfolded))
     assert cost.estimate(found, 0.5).weight_bytes == 48 * 8  # float64
     out_e = fn(x, weight, gamma)
     compiled = torch.compile(fn, backend=pass_backend(ALWAYS))
@@ -204,13 +205,13 @@ def test_find_sites_is_reentrant_across_threads():
     (chain, p_chain), (tokens, p_tokens) = _functional(Chain()), _functional(TokenScale())
     graphs = [joint_graph(chain, torch.randn(2, 4, 6, 6), *p_chain, settings=never)[1],
               joint_graph(tokens, torch.randn(2, 3, 8), *p_tokens, settings=never)[1]]  # fmt: skip
-    expected = [[s.anchor.name for s in find_sites(gm)] for gm in graphs]
+    expected = [[s.anchor.name for s in find_sites(gm, graph_facts(gm))] for gm in graphs]
     assert expected[0] and expected[1] and expected[0] != expected[1]
     errors: list[str] = []
 
     def worker(i):
         for _ in range(30):
-            got = [s.anchor.name for s in find_sites(graphs[i])]
+            got = [s.anchor.name for s in find_sites(graphs[i], graph_facts(graphs[i]))]
             if got != expected[i]:
                 errors.append(f"graph {i}: {got} != {expected[i]}")
 

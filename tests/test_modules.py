@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import compile_affine
-from compile_affine.passes.fold import qualified_name
+from compile_affine.passes.describe import qualified_name
 from compile_affine.settings import EXCLUDED, Settings, matches, split_options
 
 from .helpers import check_against_eager, joint_graph, pass_backend

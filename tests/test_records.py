@@ -2,7 +2,7 @@
 
 import os
 
-from compile_affine import records
+from compile_affine import record_store as records
 
 
 def test_prune_keeps_the_newest_by_mtime(tmp_path):

@@ -127,7 +127,7 @@ def test_second_process_on_a_warm_cache_reports_the_same_sites(tmp_path):
 
 
 def test_a_cache_hit_without_records_says_so(monkeypatch):
-    from compile_affine import records
+    from compile_affine import record_store as records
 
     monkeypatch.setattr(records, "restore", lambda key: None)
     from torch._inductor.utils import fresh_cache

@@ -25,7 +25,7 @@ import dataclasses
 import math
 
 import torch
-from .sites import Site
+from .sites.base import Site
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:

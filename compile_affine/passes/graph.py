@@ -1,11 +1,14 @@
 """Facts about FX nodes that recognition, legality and the rewrite all read: values,
-shapes, operands, aliasing and the joint graph's backward half. A leaf: it imports
-nothing from the package, so no import cycle can run through it.
+shapes, operands, aliasing, the chains of views and casts a value passes through, and
+the joint graph's backward half (``GraphFacts``, built once per round). A leaf: it
+imports nothing from the package, so no import cycle can run through it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Any, Callable, Collection, Union
+
+import dataclasses
 
 import torch
 import torch.fx as fx
@@ -33,6 +36,15 @@ ORDER_KEEPING_VIEWS = RESHAPES | {aten.squeeze.dim, aten.squeeze.dims, aten.sque
                                   aten.alias.default}  # fmt: skip
 """Views that keep the elements' order: the same values under another shape."""
 
+CAST = prims.convert_element_type.default
+
+KIND = "compile_affine_kind"
+"""Node meta key on a normalised anchor: the kind of layer the user wrote (``"batch_norm"``)."""
+
+ALREADY_JUDGED = "compile_affine_already_judged"
+"""Node meta key: a node already reported with another site (a refused batch norm's
+``sub(y, rm)``, the shift an addcmul fold added back), which ``fold.run`` must not judge again."""
+
 
 def val(node: Any) -> torch.Tensor | None:
     """The fake tensor a node computes, or None (a Python scalar, no metadata)."""
@@ -40,7 +52,28 @@ def val(node: Any) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
-def dtype(node: Any) -> torch.dtype | None:
+def same_dtype_cast(node: fx.Node) -> bool:
+    """A cast that keeps the dtype: the same values."""
+    return node.target is CAST and _dtype(node) == _dtype(node.args[0])
+
+
+def unit_factor(node: fx.Node) -> bool:
+    """``x * 1`` (the integer or float one, not ``True``): the same values."""
+    return node.target in (aten.mul.Tensor, aten.mul.Scalar) and node.args[1] == 1 and not isinstance(node.args[1], bool)
+
+
+def strip(node: Any, ops: Collection[Any], also: Callable[[fx.Node], bool] | None = None, once: bool = False) -> Any:
+    """What ``node`` was computed from through a chain of single-input steps: ops in
+    ``ops``, and nodes that ``also`` admits (``same_dtype_cast``, ``unit_factor``). Each
+    step reads its first argument; ``once`` takes one step at most."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and (node.target in ops or (also and also(node))):
+        node = node.args[0]
+        if once:
+            break
+    return node
+
+
+def _dtype(node: Any) -> torch.dtype | None:
     v = val(node)
     return v.dtype if v is not None else None
 
@@ -177,6 +210,39 @@ def operand_problem(operand: Operand, out: torch.Tensor, what: str, axis: int = 
     return None
 
 
+def per_channel_problem(operand: Any, y: fx.Node, what: str) -> str | None:
+    """``operand_problem`` for an operand the rewrite reshapes to exactly one value per channel."""
+    if not isinstance(operand, fx.Node):
+        return f"batch norm {what} is not a tensor"
+    problem = operand_problem(operand, y.meta["val"], what)
+    # A 0-d operand passes the broadcast rule but is not C values: the rewrite needs C.
+    if problem is None and torch.Size(shape_of(operand)).numel() != y.meta["val"].shape[1]:
+        problem = f"{what} is not one value per channel"
+    return problem
+
+
 VARIES_PER_SAMPLE = "varies per sample"
 """The tail of ``operand_problem``'s reason for an operand with a batch dim: such an
 operand (a residual stream, an SE gate, a drop-path mask) is not an affine layer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphFacts:
+    """What a round of recognition reads about the whole graph, computed once per round
+    (a fold adds nodes, so the next round builds its own)."""
+
+    backward: set[fx.Node]
+    """``backward_region``: empty for an inference graph."""
+    traced: set[fx.Node]
+    """``traced_for_backward``: what a backward formula wrote, tangent or not."""
+    effectful: bool
+    """The graph threads effect tokens (``with_effects``)."""
+    mutated: set[fx.Node]
+    """The graph inputs the compiled code mutates (``mutations.mutated_primals``)."""
+
+    @classmethod
+    def of(cls, graph: fx.Graph, mutated: set[fx.Node]) -> GraphFacts:
+        backward = backward_region(graph)
+        return cls(backward=backward, traced=traced_for_backward(graph, backward) if backward else set(),
+                   effectful=any(n.target is torch.ops.higher_order.with_effects for n in graph.nodes),
+                   mutated=mutated)  # fmt: skip

@@ -10,18 +10,37 @@ shape.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 from .._compat import SCATTER_FILL_MISORDERED
-from .graph import CHANNEL_AXIS, VIEW_OPS, operand_problem, reaches, same_shape
+from .graph import VARIES_PER_SAMPLE, VIEW_OPS, operand_problem, per_channel_problem, reaches, same_shape, strip
 from .graph import val as _val
-from .sites import BatchNorm, Finding, LinearSite, Site
-from .sites.batchnorm import per_channel_problem
+from .sites.base import Finding, Site
+from .sites.linear import LinearSite
 
 aten = torch.ops.aten
+
+PER_SAMPLE_GATE = "per-sample gate or mask"
+RESIDUAL_ADD = "residual add"
+TRAINING_BATCH_NORM = "training-mode batch norm"
+"""What the report calls the anchors that are no affine layer (``GraphRecord.not_affine``)."""
+
+
+def not_an_affine_layer(site: Site) -> str | None:
+    """What the anchor is, when it is not an affine layer at all, in the report's words.
+    An operand that varies per sample (an SE gate, a drop-path mask, another
+    activation) makes a gate, not a layer with one learned value per channel."""
+    if site.residual_add():
+        return RESIDUAL_ADD
+    operand = site.shift if site.shift_only else site.scale
+    if isinstance(operand, fx.Node) and (problem := operand_problem(operand, site.y.meta["val"], "", site.axis)):
+        if problem.endswith(VARIES_PER_SAMPLE):
+            return PER_SAMPLE_GATE
+    return None
+
 
 # --- the rules, in the order the report should name the first failure ---------------
 
@@ -127,11 +146,9 @@ _THROUGH = VIEW_OPS | {aten.div.Scalar, aten.mul.Scalar, aten.clone.default, tor
 def gradient_not_from_scatter(site: Site) -> str | None:
     """On torch < 2.14 the folded backward must not read ``g`` straight from an
     ``as_strided_scatter`` (see ``_compat.SCATTER_FILL_MISORDERED``)."""
-    g = site.grad
-    while SCATTER_FILL_MISORDERED and isinstance(g, fx.Node):
-        if g.target is aten.as_strided_scatter.default:
-            return "gradient comes from as_strided_scatter, which Inductor before torch 2.14 can zero"
-        g = g.args[0] if g.target in _THROUGH else None
+    g = strip(site.grad, _THROUGH)
+    if SCATTER_FILL_MISORDERED and isinstance(g, fx.Node) and g.target is aten.as_strided_scatter.default:
+        return "gradient comes from as_strided_scatter, which Inductor before torch 2.14 can zero"
     return None
 
 
@@ -181,8 +198,10 @@ def shift_problem(site: Site) -> str | None:
 TRAINING_MODE_BATCH_NORM = "batch norm uses batch statistics (training mode)"
 
 
-def batch_norm_problem(bn: BatchNorm) -> str | None:
-    """Whether an eval-mode batch norm may become a generic affine site (``rewrite.batchnorm``)."""
+def batch_norm_problem(bn: Any) -> str | None:
+    """Whether an eval-mode batch norm (a ``normalise.batchnorm.EvalBatchNorm``, not
+    imported: normalisation asks legality, so it sits above it) may become a generic
+    affine site (``normalise.batchnorm.normalise``)."""
     produced = {bn.y, *(bn.linear.produced if bn.linear else ())}
     if reaches(bn.running_mean, produced) or reaches(bn.invstd, produced):
         return TRAINING_MODE_BATCH_NORM

@@ -10,14 +10,12 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from ..sites import Operand, Site
+from ..._compat import CONV_TAKES_VIEW_BIAS
+from ..graph import ALREADY_JUDGED, VIEW_OPS, Operand
+from ..sites.base import Site
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-
-REFUSED_BATCH_NORM = "compile_affine_refused_batch_norm"
-"""Node meta key: an add the rewrite left behind, which ``fold.run`` must not judge again."""
-
 
 class Emitter:
     """Adds nodes with fake-tensor ``val`` metadata, as later Inductor passes require."""
@@ -69,6 +67,15 @@ def per_channel(emit: Emitter, operand: Operand, channels: int, device: torch.de
     return emit.upcast(flat)
 
 
+def conv_bias(emit: Emitter, bias: fx.Node | None) -> fx.Node | None:
+    """``bias`` as the folded conv may take it: on older Inductor, never a bare view
+    (``_compat.CONV_TAKES_VIEW_BIAS``). ``neg(neg(b))`` is exact and lowers to a buffer
+    (``clone`` would be dropped as a no-op)."""
+    if CONV_TAKES_VIEW_BIAS or bias is None or getattr(bias, "target", None) not in VIEW_OPS:
+        return bias
+    return emit(aten.neg.default, emit(aten.neg.default, bias))
+
+
 def first_in_graph(graph: fx.Graph, nodes: list[fx.Node]) -> fx.Node:
     wanted = set(nodes)
     return next(n for n in graph.nodes if n in wanted)
@@ -105,7 +112,7 @@ def finish_result(emit: Emitter, site: Site, result: fx.Node) -> fx.Node:
     if site.unfolded_shift is None:
         return result
     add = emit(aten.add.Tensor, site.unfolded_shift, result)
-    add.meta[REFUSED_BATCH_NORM] = True  # already reported with its addcmul: not a new site
+    add.meta[ALREADY_JUDGED] = True  # reported with its addcmul: not a new site
     return add
 
 

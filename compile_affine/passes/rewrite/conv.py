@@ -8,10 +8,9 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..._compat import conv_bias
 from ..graph import CHANNEL_AXIS
-from ..sites import ConvSite
-from .common import (Emitter, add_shift, erase_dead, feature_sum, finish_result, first_in_graph, per_channel,
+from ..sites.conv import ConvSite
+from .common import (Emitter, add_shift, conv_bias, erase_dead, feature_sum, finish_result, first_in_graph, per_channel,
                      replace_scale_grad, reshape, scale_vector)
 
 aten = torch.ops.aten

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..sites import LinearSite
+from ..sites.linear import LinearSite
 from .common import (Emitter, add_shift, erase_dead, feature_sum, feature_view, finish_result, per_channel, replace_scale_grad,
                      scale_vector)
 

@@ -1,6 +1,7 @@
-"""What every rule, the cost model and the rewrite read about a site (``Site``), and
-the graph helpers both producers share: the scale-gradient walk, shift absorption,
-mutated inputs and the backward region.
+"""What every rule, the cost model and the rewrite read about a site (``Site``): the
+record each producer kind (``conv``, ``linear``) fills in with its own ``match`` and
+``attach_backward``, and the pure tests both producers share. A leaf of recognition:
+it imports only ``graph``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..graph import (VARIES_PER_SAMPLE, Operand, backward_region, is_tangent, known, only_user, operand_problem,
-                     other_operand, reaches, same_shape, shape_of, traced_for_backward)
+from ..graph import Operand, other_operand
 
 aten = torch.ops.aten
 
@@ -48,12 +48,6 @@ class Finding(enum.Enum):
 
 
 Noted = tuple  # (Finding, detail: str)
-
-
-PER_SAMPLE_GATE = "per-sample gate or mask"
-RESIDUAL_ADD = "residual add"
-TRAINING_BATCH_NORM = "training-mode batch norm"
-"""What ``Site.not_an_affine_layer`` calls the anchors that are no affine layer."""
 
 
 @dataclasses.dataclass
@@ -102,6 +96,16 @@ class Site:
     """What the user wrote: ``"affine"``, or ``"batch_norm"`` for a normalised eval-mode batch norm."""
 
     # --- what subclasses define ---------------------------------------------------
+    @classmethod
+    def match(cls, anchor: fx.Node, y: fx.Node, scale: Operand, extra: dict) -> Site | None:
+        """This producer kind's site for ``anchor`` reading ``y`` (``extra``: the affine's
+        form, ``Site`` fields), or None when ``y`` is not this kind's output."""
+        raise NotImplementedError
+
+    def attach_backward(self, backward: set[fx.Node]) -> None:
+        """Find the producer's own backward nodes (in ``backward``) that the fold edits."""
+        raise NotImplementedError
+
     @property
     def y(self) -> fx.Node:
         """The value the affine reads."""
@@ -165,15 +169,9 @@ class Site:
             return None
         return str(getattr(origin, "_overloadpacket", origin))
 
-    def not_an_affine_layer(self) -> str | None:
-        """What the anchor is, when it is not an affine layer at all, in the report's words.
-        An operand that varies per sample (an SE gate, a drop-path mask, another
-        activation) makes a gate, not a layer with one learned value per channel."""
-        operand = self.shift if self.shift_only else self.scale
-        if isinstance(operand, fx.Node) and (problem := operand_problem(operand, self.y.meta["val"], "", self.axis)):
-            if problem.endswith(VARIES_PER_SAMPLE):
-                return PER_SAMPLE_GATE
-        return None
+    def residual_add(self) -> bool:
+        """Whether an add between the producer and the affine is a residual, not its bias."""
+        return False
 
     @property
     def shift_only(self) -> bool:
@@ -212,61 +210,6 @@ class Site:
         self.shift = self.shift_node = None
 
 
-@dataclasses.dataclass(frozen=True)
-class InputMutations:
-    """What the backend saw in the Dynamo graph: how many inputs, and which it mutates."""
-
-    inputs: int = 0
-    mutated: frozenset[int] = frozenset()
-
-
-def mutated_primals(graph: fx.Graph, seen: InputMutations) -> set[fx.Node]:
-    """Joint-graph inputs the compiled code mutates (a buffer updated in place).
-
-    A fold saves x, W and b for backward where autograd saved the conv output; if one is
-    updated after the forward, the folded backward reads the new value. Two sources, both
-    conservative:
-
-    * the joint graph itself: AOTAutograd keeps mutations of inputs that need no grad as
-      ``copy_(primal, new_value)`` in the graph (those would go wrong silently);
-    * ``seen``, the backend's scan of the Dynamo graph. Its inputs line
-      up with the joint graph's only when the counts match (subclass inputs, synthetic
-      bases and effect tokens add or remove inputs); if they do not, every input counts.
-    """
-    primals = [n for n in graph.nodes if n.op == "placeholder" and not is_tangent(n)]
-    mutated = {
-        n.args[0] for n in graph.nodes
-        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-        and n.target._schema.is_mutable and n.args and n.args[0] in primals
-    }  # fmt: skip
-    if seen.mutated:
-        if len(primals) != seen.inputs:
-            return set(primals)
-        mutated.update(primals[i] for i in seen.mutated)
-    return mutated
-
-
-def attach_shift(site: Site) -> None:
-    """Absorb a following ``add``/``sub`` of a per-channel shift, if it is the mul's only user.
-
-    Anything unusual (alpha, a second user) simply ends the chain: the mul alone can
-    still fold and the add stays in the graph.
-    """
-    users = list(site.anchor.users)
-    if len(users) != 1:
-        return
-    node = users[0]
-    if node.target not in (aten.add.Tensor, aten.sub.Tensor) or node.kwargs.get("alpha", 1) != 1:
-        return
-    if node.target is aten.sub.Tensor and node.args[0] is not site.anchor:
-        return  # t - y*s negates y; not a shift of it
-    if node.args[0] is site.anchor and node.args[1] is site.anchor:
-        return
-    site.shift_node = node
-    site.shift = other_operand(node, site.anchor)
-    site.shift_sign = -1 if node.target is aten.sub.Tensor else 1
-
-
 def is_scale(node: Any, site: Site) -> bool:
     """``s`` itself, or ``s * 1`` as autograd writes addcmul's backward."""
     if not isinstance(site.scale, fx.Node):  # a Python number, equal but maybe not the same object
@@ -291,51 +234,3 @@ def unscaled_grad(node: Any, site: Site) -> fx.Node | None:
         if is_scale(a, site) and isinstance(b, fx.Node):
             return b
     return None
-
-
-def scale_grad_of(user: fx.Node, site: Site, backward: set[fx.Node]) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
-    """If ``user`` (a reader of ``y``) starts autograd's scale gradient, return
-    ``(g, the multiply by g, nodes between y and that multiply)``.
-
-    * ``y * s``: ``mul(g, y)``; ``y`` may be read through autograd's ``clone`` (in-place
-      ``mul_``) or ``y * 1`` (addcmul).
-    * ``y / s``: ``mul(-g, y / s / s)``.
-    """
-    y, between = site.y, []
-    reader = user
-    if site.divide:
-        if not (user.target is aten.div.Tensor and user.args == (y, site.scale)):
-            return None
-        second = only_user(user, aten.div.Tensor)
-        if second is None or second.args != (user, site.scale):
-            return None
-        between, reader, y = [user, second], only_user(second), second
-    elif user.target is aten.clone.default or (user.target is aten.mul.Scalar and user.args == (y, 1)):
-        between, reader, y = [user], only_user(user), user
-    if reader is None or reader not in backward or reader.target is not aten.mul.Tensor:
-        return None
-    if y not in reader.args[:2] or reader.args[0] is reader.args[1]:
-        return None
-    g = other_operand(reader, y)
-    if site.divide:
-        if not (isinstance(g, fx.Node) and g.target is aten.neg.default):
-            return None
-        between.append(g)
-        g = g.args[0]
-    return g, reader, between
-
-
-def attach_scale_grad(site: Site, backward: set[fx.Node], traced: set[fx.Node]) -> None:
-    for user in site.y.users:
-        if user is site.anchor:
-            continue
-        found = scale_grad_of(user, site, backward) if site.grad_scale_mul is None else None
-        if found is None:
-            (site.backward_readers if user in traced else site.other_users).append(user)
-            continue
-        site.grad, site.grad_scale_mul, site.grad_scale_nodes = found
-        total = only_user(site.grad_scale_mul)
-        if total is not None and total.target in (aten.sum.dim_IntList, aten.sum.default):
-            site.grad_scale_sum = total
-        else:
-            site.backward_finding = (Finding.SCALE_GRAD_NOT_A_SUM, "")

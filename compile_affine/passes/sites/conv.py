@@ -1,5 +1,5 @@
-"""Convolution producers (``aten.convolution``: 1d/2d/3d, transposed, grouped) and
-their backward: ``convolution_backward(g * s, x, W, ...)``."""
+"""Convolution producers (``aten.convolution``: 1d/2d/3d, transposed, grouped): the
+forward match and the backward walk to ``convolution_backward(g * s, x, W, ...)``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..graph import CAST, Operand, strip
 from .base import Finding, Site, unscaled_grad
 
 aten = torch.ops.aten
@@ -25,6 +26,13 @@ class ConvSite(Site):
     grad_cast: fx.Node | None = None
     """Under autocast, the cast of ``mul(g, s)`` down to the conv's dtype."""
     conv_backward: fx.Node | None = None
+
+    @classmethod
+    def match(cls, anchor: fx.Node, y: fx.Node, scale: Operand, extra: dict) -> ConvSite | None:
+        return cls(anchor=anchor, scale=scale, conv=y, **extra) if y.target is aten.convolution.default else None
+
+    def attach_backward(self, backward: set[fx.Node]) -> None:
+        _attach_conv_backward(self, backward)
 
     @property
     def y(self) -> fx.Node:
@@ -51,21 +59,14 @@ class ConvSite(Site):
         return self.conv_backward is not None and bool(self.conv_backward.args[-1][1])
 
     def input_read_by_stock_backward(self) -> str | None:
-        # ``attach_conv_backward`` takes a ``convolution_backward`` only if it reads this x.
+        # ``attach_backward`` takes a ``convolution_backward`` only if it reads this x.
         return "x" if self.conv_backward is not None else None
 
     def backward_nodes(self) -> list[fx.Node]:
         return [n for n in (self.conv_backward, self.grad_scale_sum) if n is not None]
 
 
-def _through_cast(node: Any) -> Any:
-    """Under autocast the conv's gradient is ``mul(g, s)`` cast down to the conv's dtype."""
-    if isinstance(node, fx.Node) and node.target is torch.ops.prims.convert_element_type.default:
-        return node.args[0]
-    return node
-
-
-def attach_conv_backward(site: ConvSite, backward: set[fx.Node]) -> None:
+def _attach_conv_backward(site: ConvSite, backward: set[fx.Node]) -> None:
     """Find ``convolution_backward(g * s, x, W, ...)`` belonging to this conv."""
     a = site.conv_args
     found = []
@@ -75,7 +76,8 @@ def attach_conv_backward(site: ConvSite, backward: set[fx.Node]) -> None:
         grad_out, x, w, _bias_sizes, *config = user.args
         if x is not a["x"] or w is not a["weight"] or list(config[:6]) != list(site.conv.args[3:9]):
             continue
-        g = unscaled_grad(_through_cast(grad_out), site)
+        # Under autocast the conv's gradient is ``mul(g, s)`` cast down to the conv's dtype.
+        g = unscaled_grad(strip(grad_out, (CAST,), once=True), site)
         if g is None:
             continue
         # Another conv with the same input, weight and scale has a backward of this very
@@ -96,7 +98,7 @@ def attach_conv_backward(site: ConvSite, backward: set[fx.Node]) -> None:
     cb = found[0]
     # ``grad_in`` may have other readers (in a chain, the previous shift's gradient sums
     # it); the rewrite stops feeding it to the conv and leaves it to them.
-    grad_in = _through_cast(cb.args[0])
+    grad_in = strip(cb.args[0], (CAST,), once=True)
     if site.grad is None:
         site.grad = unscaled_grad(grad_in, site)
     site.conv_backward, site.grad_conv_input = cb, grad_in

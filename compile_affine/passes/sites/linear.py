@@ -1,5 +1,6 @@
 """Linear producers: ``mm`` / ``addmm`` / ``bmm`` reached through views, permutes and
-bias adds, and their backward (input, weight and bias gradients of ``g * s``)."""
+bias adds (``LinearChain``, also read by the eval-mode batch-norm normalisation), the
+forward match and the backward walk (input, weight and bias gradients of ``g * s``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..graph import PERMUTES, RESHAPES
-from .base import RESIDUAL_ADD, Finding, Operand, Site, is_scale, known, same_shape, unscaled_grad, shape_of
+from ..graph import CAST, PERMUTES, RESHAPES, Operand, known, same_shape, shape_of
+from .base import Finding, Noted, Site, is_scale, unscaled_grad
 
 aten = torch.ops.aten
 
@@ -42,6 +43,23 @@ class LinearSite(Site):
     or ``mm(A.t(), G)`` / ``bmm(A.mT, G)``: ``B``'s own layout, features last."""
     grad_bias_sums: list[tuple[fx.Node, int]] = dataclasses.field(default_factory=list)
     """Reductions of the gradient to one value per feature, with the feature axis."""
+
+    @classmethod
+    def match(cls, anchor: fx.Node, y: fx.Node, scale: Operand, extra: dict) -> LinearSite | None:
+        if anchor.target in (aten.add.Tensor, aten.sub.Tensor):
+            # A linear's own bias is such an add when its input is not 2-D contiguous,
+            # indistinguishable from a user's shift; both are left to Inductor's fusion.
+            return None
+        chain = LinearChain.trace(y)
+        if chain is None:
+            return None
+        site = cls(anchor=anchor, scale=scale, mm=chain.mm, chain=chain.nodes, biases=chain.biases,
+                   producer_finding=chain.finding, other_users=chain.other_users, **extra)  # fmt: skip
+        site.axis = chain.axis
+        return site
+
+    def attach_backward(self, backward: set[fx.Node]) -> None:
+        _attach_linear_backward(self, backward)
 
     @property
     def y(self) -> fx.Node:
@@ -87,14 +105,12 @@ class LinearSite(Site):
         # else in backward (the scale's gradient comes from theirs).
         return "input" if self.grad_weight_mms else None
 
-    def not_an_affine_layer(self) -> str | None:
+    def residual_add(self) -> bool:
         """An add of a full-sized value between the linear and the scale is a residual
         add (``x + mlp(x)``), not the linear's bias: what follows scales the residual
         stream (MetaFormer's ``res_scale``), not this linear's output."""
-        for host, index, _ in self.biases:
-            if host.target is aten.add.Tensor and same_shape(shape_of(host.args[index]), shape_of(host)):
-                return RESIDUAL_ADD
-        return super().not_an_affine_layer()
+        return any(host.target is aten.add.Tensor and same_shape(shape_of(host.args[index]), shape_of(host))
+                   for host, index, _ in self.biases)  # fmt: skip
 
     def weight_grad_axis(self, node: fx.Node) -> int:
         """The feature axis of one of ``grad_weight_mms``."""
@@ -109,7 +125,6 @@ class LinearSite(Site):
 
 _MM = (aten.mm.default, aten.addmm.default, aten.bmm.default)
 _COPIES = (aten.clone.default, aten.alias.default)
-_CAST = torch.ops.prims.convert_element_type.default
 
 
 def _view_axis(src: tuple, dst: tuple, axis: int) -> int | None:
@@ -127,7 +142,7 @@ def _next_axis(node: fx.Node, axis: int) -> int | None:
     src, ndim = shape_of(node.args[0]), len(shape_of(node.args[0]))
     if not src or not 0 <= axis < ndim:
         return None
-    if node.target in _COPIES or node.target is _CAST:
+    if node.target in _COPIES or node.target is CAST:
         return axis
     if node.target is aten.permute.default:
         perm = [d % ndim for d in node.args[1]]
@@ -169,39 +184,64 @@ def _reaches_mm(node: Any) -> bool:
     return False
 
 
-def linear_site(anchor: fx.Node, y: fx.Node, scale: Operand, extra: dict) -> LinearSite | None:
-    """``y`` as ``views(mm(A, B) [+ b])``, or None when ``y`` is not a linear's output."""
-    chain, node = [], y
-    while node.target not in _MM:
-        chain.append(node)
-        node = _chain_input(node)
-        if not isinstance(node, fx.Node) or node.op != "call_function":
+@dataclasses.dataclass
+class LinearChain:
+    """``y`` as ``views(mm(A, B) [+ b])``: what the linear's output passes through on its
+    way to ``y``, and where that leaves the features. Pure: it reads the graph only."""
+
+    mm: fx.Node
+    nodes: list[fx.Node]
+    """From ``mm`` (exclusive) to ``y`` (inclusive), in order."""
+    biases: list[tuple[fx.Node, int, int]] = dataclasses.field(default_factory=list)
+    """As ``LinearSite.biases``."""
+    axis: int = 1
+    """The feature axis of ``y``."""
+    finding: Noted | None = None
+    """Set when a step broadcasts the output or splits the feature axis."""
+    other_users: list[fx.Node] = dataclasses.field(default_factory=list)
+    """Readers of an intermediate value (every one exists only to reach ``y``)."""
+
+    @property
+    def weight(self) -> fx.Node:
+        return self.mm.args[-1]
+
+    @property
+    def produced(self) -> set[fx.Node]:
+        return {self.mm, *self.nodes}
+
+    @classmethod
+    def trace(cls, y: fx.Node) -> LinearChain | None:
+        """``y``'s chain back to a matrix product, or None when ``y`` is no linear's output."""
+        chain, node = [], y
+        while node.target not in _MM:
+            chain.append(node)
+            node = _chain_input(node)
+            if not isinstance(node, fx.Node) or node.op != "call_function":
+                return None
+        mm = node
+        if mm.target is aten.addmm.default and any(mm.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
             return None
-    mm = node
-    if mm.target is aten.addmm.default and any(mm.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
-        return None
-    chain.reverse()
-    site = LinearSite(anchor=anchor, scale=scale, mm=mm, chain=chain, **extra)
-    if mm.target is aten.addmm.default:
-        site.biases.append((mm, 0, 1))
-    axis, prev = len(shape_of(mm)) - 1, mm  # the features are mm's (bmm's) last dim
-    for node in chain:
-        if node.target is aten.add.Tensor:
-            if not same_shape(shape_of(node), shape_of(prev)):
-                site.producer_finding = (Finding.BIAS_BROADCASTS, "")
-            site.biases.append((node, 1 if node.args[0] is prev else 0, axis))
-            axis_next = axis
-        else:
-            axis_next = _next_axis(node, axis)
-        if axis_next is None:
-            site.producer_finding = (Finding.SPLITS_FEATURE_AXIS, str(node.target))
-            break
-        axis, prev = axis_next, node
-    site.axis = axis
-    # Every intermediate value exists only to reach ``y``.
-    for node in [mm, *chain][:-1]:
-        site.other_users += [u for u in node.users if u not in chain]
-    return site
+        chain.reverse()
+        found = cls(mm=mm, nodes=chain)
+        if mm.target is aten.addmm.default:
+            found.biases.append((mm, 0, 1))
+        axis, prev = len(shape_of(mm)) - 1, mm  # the features are mm's (bmm's) last dim
+        for node in chain:
+            if node.target is aten.add.Tensor:
+                if not same_shape(shape_of(node), shape_of(prev)):
+                    found.finding = (Finding.BIAS_BROADCASTS, "")
+                found.biases.append((node, 1 if node.args[0] is prev else 0, axis))
+                axis_next = axis
+            else:
+                axis_next = _next_axis(node, axis)
+            if axis_next is None:
+                found.finding = (Finding.SPLITS_FEATURE_AXIS, str(node.target))
+                break
+            axis, prev = axis_next, node
+        found.axis = axis
+        for node in [mm, *chain][:-1]:
+            found.other_users += [u for u in node.users if u not in chain]
+        return found
 
 
 def _is_transpose_of(node: Any, target: fx.Node) -> bool:
@@ -218,7 +258,7 @@ def _is_transpose_of(node: Any, target: fx.Node) -> bool:
     return node.target is aten.transpose.int and {d % ndim for d in node.args[1:3]} == {ndim - 2, ndim - 1}
 
 
-def attach_linear_backward(site: LinearSite, backward: set[fx.Node]) -> None:
+def _attach_linear_backward(site: LinearSite, backward: set[fx.Node]) -> None:
     """Find ``gy = g * s`` and every use autograd made of it, following views, down to
     the three places it ends: the input's gradient ``mm(G, B.t())``, the weight's
     ``mm(G.t(), A)`` and the bias's ``sum``. Any other use means it is not ours to edit."""
@@ -267,7 +307,7 @@ def _read_by_this_mm_only(node: Any, mm: fx.Node, backward: set[fx.Node]) -> boo
     return not any(u is not mm and u.target in _MM and u not in backward for u in getattr(node, "users", ()))
 
 
-def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
+def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | Noted | None:
     """Classify every use of ``gy``: None when none is this linear's, a ``(Finding, detail)``
     when one is ours but another is unrecognised, else the uses."""
     a_in, b_w = site.mm.args[-2], site.weight
@@ -302,7 +342,7 @@ def _gradient_uses(gy: fx.Node, site: LinearSite) -> tuple | str | None:
                     bias_sums.append((user, axis if keepdim else 0))
             elif target is aten.copy.default and user.args[1] is node and same_shape(shape_of(user), shape_of(node)):
                 stack.append((user, axis))  # functional copy_ into a same-shaped buffer: the values of node
-            elif target in RESHAPES or target in PERMUTES or target in _COPIES or target is _CAST:
+            elif target in RESHAPES or target in PERMUTES or target in _COPIES or target is CAST:
                 nxt = _next_axis(user, axis)
                 if nxt is None:
                     problem = problem or (Finding.GRAD_SPLITS_FEATURE_AXIS, str(target))

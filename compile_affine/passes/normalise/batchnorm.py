@@ -7,11 +7,18 @@ recomputes ``sub(y, rm)`` from ``y`` for ``sum(g * (y - rm)) * invstd`` (w's gra
 and feeds ``g * (invstd * w)``, computed again from the buffers, to the producer's
 backward. That second reader of ``y`` hides the affine from the generic recognition.
 
-This module only finds such chains and judges whether they may be normalised
-(``legality.batch_norm_problem``); ``rewrite.batchnorm.normalise`` then turns each into the
-generic form ``conv(x, W, b_conv - rm) * k [+ b]`` with ``k = invstd * w``, with the
-backward written as autograd writes it for that form, so that the generic conv and
-linear folds (and every legality rule and the cost model) apply unchanged.
+This module finds such chains (``find_eval_batch_norms``); ``legality.batch_norm_problem``
+judges whether each may be normalised, and ``normalise`` then turns it into the generic
+form, value for value (docs/design.md, "Eval-mode batch norm"):
+
+    (y - rm) * invstd * w + b   ->   y' * k + b,   y' = conv(x, W, b_conv - rm),  k = invstd * w
+
+(for a linear producer ``y' = y + (-rm)``, a bias add inside the linear's views). Every
+backward ``sub(y, rm)`` of the batch-norm formula is replaced by ``y'`` (the same
+values), so its ``sum(g * (y - rm))`` becomes autograd's ``sum(g * y')`` for the scale;
+the ``invstd * w`` the formula recomputes for the producer's gradient is replaced by
+``k`` itself. The normalised graph is correct and costs the same whether or not the
+generic conv and linear folds (every legality rule and the cost model) then take the site.
 """
 
 from __future__ import annotations
@@ -22,21 +29,20 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..graph import ORDER_KEEPING_VIEWS, VIEW_OPS, Operand, backward_region, only_user, operand_problem, reaches, same_shape, shape_of, traced_for_backward
-from .base import USER_AFFINE_OPS, InputMutations, mutated_primals
-from .linear import LinearSite, linear_site
+from ..graph import (CAST, KIND, ORDER_KEEPING_VIEWS, VIEW_OPS, GraphFacts, Operand, only_user, per_channel_problem,
+                     reaches, same_dtype_cast, same_shape, shape_of, strip, unit_factor, val)
+from ..rewrite.common import Emitter, erase_dead
+from ..sites.base import USER_AFFINE_OPS
+from ..sites.linear import LinearChain
 
 aten = torch.ops.aten
-prims = torch.ops.prims
-
-KIND = "compile_affine_kind"
-"""Node meta key on a normalised anchor: the kind of layer the user wrote (``"batch_norm"``)."""
 
 _VIEWS = ORDER_KEEPING_VIEWS | {aten.clone.default}
+_STORAGE_VIEWS = VIEW_OPS | {aten.clone.default}
 
 
 @dataclasses.dataclass
-class BatchNorm:
+class EvalBatchNorm:
     """One ``(y - rm) * invstd [* w] [+ b]`` chain on a producer's output ``y``."""
 
     y: fx.Node
@@ -52,7 +58,7 @@ class BatchNorm:
     weight_mul: fx.Node | None = None
     """``mul(norm, w)``, merged into the scale when ``norm`` has no other reader."""
     weight: Operand | None = None
-    linear: LinearSite | None = None
+    linear: LinearChain | None = None
     """The producer when it is a linear layer (``y`` is then the end of its views)."""
     backward_subs: list[fx.Node] = dataclasses.field(default_factory=list)
     """The backward formula's ``sub(y, rm)``: the same values as ``sub``."""
@@ -85,21 +91,7 @@ class BatchNorm:
 
 def through_views(node: Any) -> Any:
     """``node`` through views and value-preserving casts (same dtype) and ``* 1``."""
-    while isinstance(node, fx.Node) and node.op == "call_function":
-        if node.target in _VIEWS:
-            node = node.args[0]
-        elif node.target is prims.convert_element_type.default and _dtype(node) == _dtype(node.args[0]):
-            node = node.args[0]
-        elif node.target in (aten.mul.Tensor, aten.mul.Scalar) and node.args[1] == 1 and not isinstance(node.args[1], bool):
-            node = node.args[0]
-        else:
-            break
-    return node
-
-
-def _dtype(node: Any) -> torch.dtype | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val.dtype if isinstance(val, torch.Tensor) else None
+    return strip(node, _VIEWS, also=lambda n: same_dtype_cast(n) or unit_factor(n))
 
 
 def invstd_key(node: Any) -> tuple | None:
@@ -122,36 +114,22 @@ def invstd_key(node: Any) -> tuple | None:
     return through_views(rv), float(eps)
 
 
-def per_channel_problem(operand: Any, y: fx.Node, what: str) -> str | None:
-    if not isinstance(operand, fx.Node):
-        return f"batch norm {what} is not a tensor"
-    problem = operand_problem(operand, y.meta["val"], what)
-    # A 0-d operand passes the broadcast rule but is not C values: the rewrite needs C.
-    if problem is None and torch.Size(shape_of(operand)).numel() != y.meta["val"].shape[1]:
-        problem = f"{what} is not one value per channel"
-    return problem
-
-
-def _producer(y: Any) -> tuple[bool, LinearSite | None]:
-    """Whether ``y`` is a conv's or a linear layer's output (and the linear's facts)."""
+def _producer(y: Any) -> tuple[bool, LinearChain | None]:
+    """Whether ``y`` is a conv's or a linear layer's output (and the linear's chain)."""
     if not isinstance(y, fx.Node) or y.op != "call_function":
         return False, None
     if y.target is aten.convolution.default:
         return True, None
-    site = linear_site(y, y, 1, {})  # a probe: only the producer's facts are read
-    if site is None or site.producer_finding or site.other_users or site.axis != 1:
+    chain = LinearChain.trace(y)
+    if chain is None or chain.finding or chain.other_users or chain.axis != 1:
         return False, None
-    return True, site
+    return True, chain
 
 
-def find_batch_norms(gm: fx.GraphModule, seen: InputMutations = InputMutations()) -> list[BatchNorm]:
-    graph = gm.graph
-    backward = backward_region(graph)
-    traced = traced_for_backward(graph, backward) if backward else set()
-    mutated = mutated_primals(graph, seen)
+def find_eval_batch_norms(gm: fx.GraphModule, facts: GraphFacts) -> list[EvalBatchNorm]:
     found = []
-    for sub in graph.nodes:
-        if sub.target is not aten.sub.Tensor or sub in traced or sub.kwargs.get("alpha", 1) != 1:
+    for sub in gm.graph.nodes:
+        if sub.target is not aten.sub.Tensor or sub in facts.traced or sub.kwargs.get("alpha", 1) != 1:
             continue
         if not _from_batch_norm_or_user(sub):
             continue  # LayerNorm's (y - mean) * rstd looks the same
@@ -164,17 +142,17 @@ def find_batch_norms(gm: fx.GraphModule, seen: InputMutations = InputMutations()
         ok, linear = _producer(y)
         if key is None or not ok:
             continue
-        bn = BatchNorm(y=y, sub=sub, norm=norm, running_mean=rm, invstd=inv, invstd_key=key, linear=linear)
+        bn = EvalBatchNorm(y=y, sub=sub, norm=norm, running_mean=rm, invstd=inv, invstd_key=key, linear=linear)
         _attach_weight(bn)
-        _attach_backward_subs(bn, traced)
-        bn.mutated = mutated
+        _attach_backward_subs(bn, facts.traced)
+        bn.mutated = facts.mutated
         if not bn.other_readers:
-            bn.backward_scales = _backward_scales(bn, backward)
+            bn.backward_scales = _backward_scales(bn, facts.backward)
         found.append(bn)
     return found
 
 
-def _attach_weight(bn: BatchNorm) -> None:
+def _attach_weight(bn: EvalBatchNorm) -> None:
     """Merge ``* w`` into the scale when only it reads the normalised value (the batch-norm
     formula's backward never does; autograd's would, for a user's own ``* gamma``)."""
     mul = only_user(bn.norm, aten.mul.Tensor)
@@ -193,7 +171,7 @@ def _from_batch_norm_or_user(sub: fx.Node) -> bool:
     return origin is None or "batch_norm" in str(origin) or str(origin) in USER_AFFINE_OPS
 
 
-def _attach_backward_subs(bn: BatchNorm, traced: set[fx.Node]) -> None:
+def _attach_backward_subs(bn: EvalBatchNorm, traced: set[fx.Node]) -> None:
     """Sort the other readers of ``y``: the formula's ``sub(y, rm)``, which the backward
     wrote (it reads no tangent, so only AOTAutograd's tag tells), or anything else. A
     forward ``sub(y, rm)`` is another reader: a second batch norm on the same output."""
@@ -205,13 +183,13 @@ def _attach_backward_subs(bn: BatchNorm, traced: set[fx.Node]) -> None:
         if (user in traced and user.target is aten.sub.Tensor and user.args[0] is bn.y and user.kwargs.get("alpha", 1) == 1
                 and isinstance(user.args[1], fx.Node) and through_views(user.args[1]) is rm_base
                 and per_channel_problem(user.args[1], bn.y, "running mean") is None
-                and same_shape(shape_of(user), shape_of(bn.y)) and _dtype(user) == y_val.dtype):  # fmt: skip
+                and same_shape(shape_of(user), shape_of(bn.y)) and getattr(val(user), "dtype", None) == y_val.dtype):  # fmt: skip
             bn.backward_subs.append(user)
         else:
             bn.other_readers.append(user)
 
 
-def _same_scale(node: Any, bn: BatchNorm) -> bool:
+def _same_scale(node: Any, bn: EvalBatchNorm) -> bool:
     """Is ``node`` (stripped) the value ``invstd [* w]``, recomputed from the same buffers?"""
     node = through_views(node)
     if bn.weight is None:
@@ -226,20 +204,17 @@ def _same_scale(node: Any, bn: BatchNorm) -> bool:
 def _feeds_conv_backward(node: fx.Node, conv: fx.Node) -> bool:
     """``node`` (through a cast) is the grad-output of ``conv``'s own backward."""
     readers = list(node.users)
-    readers += [u for r in readers if r.target is prims.convert_element_type.default for u in r.users]
+    readers += [u for r in readers if r.target is CAST for u in r.users]
     return any(r.target is aten.convolution_backward.default and r.args[1] is conv.args[0] and r.args[2] is conv.args[1]
                for r in readers)  # fmt: skip
 
 
 def _base(node: Any) -> Any:
     """``node`` through views, permutes and same-dtype casts: the stored tensor it reads."""
-    while isinstance(node, fx.Node) and (node.target in VIEW_OPS or node.target is aten.clone.default or (
-            node.target is prims.convert_element_type.default and _dtype(node) == _dtype(node.args[0]))):  # fmt: skip
-        node = node.args[0]
-    return node
+    return strip(node, _STORAGE_VIEWS, also=same_dtype_cast)
 
 
-def _feeds_linear_backward(node: fx.Node, linear: LinearSite) -> bool:
+def _feeds_linear_backward(node: fx.Node, linear: LinearChain) -> bool:
     """``node`` (through views) is the gradient a matmul of ``linear``'s own backward
     reads: the weight gradient's (with the linear's input) or the input gradient's
     (with its weight)."""
@@ -259,7 +234,7 @@ def _feeds_linear_backward(node: fx.Node, linear: LinearSite) -> bool:
     return False
 
 
-def _backward_scales(bn: BatchNorm, backward: set[fx.Node]) -> list[tuple[fx.Node, int]]:
+def _backward_scales(bn: EvalBatchNorm, backward: set[fx.Node]) -> list[tuple[fx.Node, int]]:
     """The backward's ``g * (invstd * w)``: it feeds the producer's backward, and is
     recognised there only if it multiplies by the forward's scale node itself."""
     found = []
@@ -275,3 +250,40 @@ def _backward_scales(bn: BatchNorm, backward: set[fx.Node]) -> list[tuple[fx.Nod
                 found.append((node, i))
                 break
     return found
+
+
+def normalise(graph: fx.Graph, bn: EvalBatchNorm) -> fx.Node:
+    """Rewrite ``bn`` in place; returns the new anchor ``mul(y', k)``."""
+    y_val = bn.y.meta["val"]
+    c, dtype = bn.channels, y_val.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    view = [1, c] + [1] * (y_val.ndim - 2)
+    emit = Emitter(graph, bn.norm)
+
+    def flat(node: fx.Node) -> fx.Node:
+        return emit.cast(emit(aten.reshape.default, node, [-1]), compute)
+
+    old_scales = [m.args[i] for m, i in bn.backward_scales]
+    with graph.inserting_before(bn.result):  # every operand of the chain is defined by now
+        rm_c = flat(bn.running_mean)
+        if bn.linear is None:
+            x, weight, bias, *config = bn.y.args
+            shifted = emit(aten.neg.default, rm_c) if bias is None else emit(aten.sub.Tensor, emit.upcast(bias), rm_c)
+            y_new = emit(aten.convolution.default, x, weight, emit.cast(shifted, dtype), *config)
+        else:
+            neg_rm = emit(aten.reshape.default, emit.cast(emit(aten.neg.default, rm_c), dtype), view)
+            y_new = emit(aten.add.Tensor, bn.y, neg_rm)
+        # invstd is the forward's own rsqrt(rv + eps) node: Inductor's value, not a recomputation.
+        k_c = flat(bn.invstd)
+        if bn.weight is not None:
+            k_c = emit(aten.mul.Tensor, k_c, flat(bn.weight))
+        k = emit(aten.reshape.default, emit.cast(k_c, dtype), view)
+        anchor = emit(aten.mul.Tensor, y_new, k)
+    anchor.meta[KIND] = "batch_norm"
+    bn.result.replace_all_uses_with(anchor)
+    for sub in bn.backward_subs:
+        sub.replace_all_uses_with(y_new)
+    for mul, i in bn.backward_scales:
+        mul.update_arg(i, k)
+    erase_dead(graph, [bn.result, *bn.backward_subs, *old_scales, bn.y if bn.linear is None else None])
+    return anchor
