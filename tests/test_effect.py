@@ -6,7 +6,7 @@ import logging
 import torch
 
 import compile_affine
-from compile_affine.bench.measure import saved_for_backward
+from compile_affine.bench.core.measure import saved_for_backward
 
 from .helpers import ALWAYS, pass_backend
 from .nets import Chain, ConvAffine

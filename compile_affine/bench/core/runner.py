@@ -1,6 +1,8 @@
-"""Timing method: every variant compiled first, then steps interleaved across variants
-(rotating the order each round), medians reported. Ratios between variants measured
-in one process are what we quote; absolute times drift with the machine."""
+"""Compiling and running the variants. Timing method: every variant compiled first, then
+steps interleaved across variants (rotating the order each round), medians reported.
+Ratios between variants measured in one process are what we quote; absolute times drift
+with the machine. Also the one FX backend (the pass, graphs run as FX) and the compile
+settings every mode uses."""
 
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ from torch._inductor.utils import fresh_cache
 
 import compile_affine
 
-from .measure import saved_for_backward
-from .traffic import counting
+from .measure import counting, saved_for_backward
 
 BACKENDS = ("eager", "inductor", "inductor-conv_bn_eval", "compile_affine", "compile_affine-memory",
             "compile_affine-always", "compile_affine-epilogue", "inductor-max-autotune", "compile_affine-max-autotune")  # fmt: skip
@@ -45,18 +46,19 @@ class Variant:
     """Seconds compile_affine's pass took in the compile (None for the stock variants)."""
     settings: dict = dataclasses.field(default_factory=dict)
     """compile_affine options for this variant alone, over the runner's."""
-    label: str = ""
     opt: torch.optim.Optimizer | None = None
     """With the runner's ``sgd_lr``: the optimizer whose step each timed step includes."""
     peak_mib: float | None = None
     """CUDA: the step's peak allocation above what was allocated before it."""
     traffic_bytes: int | None = None
     """Bytes the compiled forward and backward kernels read and write in one step, as
-    Inductor counts them (bench/traffic.py); None for eager."""
+    Inductor counts them (core/measure.py); None for eager."""
+    report: compile_affine.Report | None = None
+    """``compile_affine.report()`` after this variant's compile (the next one resets it)."""
 
     @property
     def name(self) -> str:
-        return f"{self.net} / {self.backend}{self.label}"
+        return f"{self.net} / {self.backend}"
 
     @property
     def fwd(self) -> float:
@@ -89,12 +91,50 @@ def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
     return torch.compile(model, backend="compile_affine", options=ours)
 
 
+def parse_variants(spec: str | None, default: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``--variants none/inductor,affine/compile_affine`` (else ``default``) as (net, backend) pairs."""
+    pairs = [tuple(v.split("/")) for v in (spec.split(",") if spec else default)]
+    for net, backend in pairs:
+        if backend not in BACKENDS:
+            raise SystemExit(f"unknown backend {backend!r} in --variants; choose from {BACKENDS}")
+    return pairs
+
+
+def fx_backend(settings: compile_affine.Settings | None = None, run: Callable | None = None):
+    """The pass under AOTAutograd with Inductor's decompositions and min-cut partitioner,
+    the graphs run as FX (no C++ compile): a check of the rewrite's algebra, in float64
+    too, that costs seconds. ``run(gm) -> gm`` replaces the pass on each joint or
+    inference graph (to time it, capture the graphs, or switch it off)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    from compile_affine.passes.fold import AffineFoldPass
+
+    if run is None:
+        fold_pass = AffineFoldPass(settings)
+
+        def run(gm):
+            fold_pass(gm.graph)
+            return gm
+
+    return aot_autograd(
+        fw_compiler=lambda gm, _: make_boxed_func(gm),
+        bw_compiler=lambda gm, _: make_boxed_func(gm),
+        inference_compiler=lambda gm, _: make_boxed_func(run(gm)),
+        partition_fn=lambda joint, inputs, **kw: min_cut_rematerialization_partition(run(joint), inputs, **kw),
+        decompositions=select_decomp_table(),
+    )
+
+
 def configure_compile() -> None:
-    """What ``python -m compile_affine.bench`` sets before it compiles (its main does the same)."""
+    """What every mode sets before it compiles."""
     # Compile time is part of what we measure, so nothing may come from a warm cache.
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
-    # Variants share forward code objects: each is a recompile of the same frame, static shapes.
+    # Variants share forward code objects (nn.Sequential, torchvision blocks): each is a
+    # recompile of the same frame. Keep every one compiled, each with static shapes.
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 1024
     torch._dynamo.config.automatic_dynamic_shapes = False
@@ -216,6 +256,7 @@ class Runner:
         if report.epilogues:
             v.folds += f" +{report.fused_epilogues}/{len(report.epilogues)} epi"
         if not measure:
+            v.report = report
             progress(f"  {v.name}: folds {v.folds}, {(v.traffic_bytes or 0) / 2**20:.1f} MiB moved")
             return
         for _ in range(warmup):
@@ -224,6 +265,7 @@ class Runner:
         if not self.inference:
             with self.autocast():
                 v.saved_mib = saved_for_backward(lambda: v.fn(v.x)).mib
+        v.report = compile_affine.report()
         own = "" if v.pass_s is None else f" (pass {v.pass_s:.2f}s)"
         moved = "" if v.traffic_bytes is None else f", {v.traffic_bytes / 2**20:.1f} MiB moved"
         progress(f"  {v.name}: first step {v.compile_s:.1f}s{own}, folds {v.folds}{moved}")

@@ -1,6 +1,6 @@
 """The benchmark's models: the seed's ResNet-50 with three kinds of norm layer,
-conv -> norm -> relu chains over a shape matrix, and transformer / ConvNeXt MLP blocks
-with and without LayerScale."""
+conv -> norm -> relu chains over a shape matrix, transformer / ConvNeXt MLP blocks
+with and without LayerScale, and the one randomiser of their affines."""
 
 from __future__ import annotations
 
@@ -197,3 +197,43 @@ LAYERSCALE_SHAPES = [
     # activation-heavy transformer: 4x the activation of b8
     MlpShape("ViT-S mlp 197x384 b32", 384, 197, 32),
 ]
+
+
+_SCALE_NAMES = {"gamma", "gamma_1", "gamma_2", "ls1", "ls2", "scale", "gain", "skipinit_gain", "alpha"}
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, generator: torch.Generator | None = None, conv_bias: float | None = None) -> nn.Module:
+    """Give every affine non-trivial values, as training would (identity statistics make a
+    frozen norm a no-op; LayerScale's 1e-5 init, a zero skip-init gain or a unit
+    ``Affine2d`` make the fold the identity): batch norms' weight U(0.5, 1.5), bias, running
+    mean N(0, 0.1), running var U(0.5, 2); ``Affine2d`` weight U(0.3, 0.6) (larger ones blow
+    up without norms), bias N(0, 0.1); scale parameters by name U(0.5, 1.5), ResMLP's
+    ``beta`` N(0, 0.1). ``conv_bias`` set: convs too, Kaiming-uniform weights and biases
+    U(-conv_bias, conv_bias) (0: zero). Draws from ``generator``, else torch's own."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    g = generator
+    for m in model.modules():
+        if conv_bias is not None and isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, a=1, generator=g)
+            if m.bias is not None and conv_bias:
+                m.bias.uniform_(-conv_bias, conv_bias, generator=g)
+            elif m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, (FrozenBatchNorm2d, nn.modules.batchnorm._BatchNorm)):
+            if m.weight is not None:
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+            m.running_mean.normal_(0, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+        elif isinstance(m, Affine2d):
+            m.weight.uniform_(0.3, 0.6, generator=g)
+            m.bias.normal_(0, 0.1, generator=g)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _SCALE_NAMES:
+            p.uniform_(0.5, 1.5, generator=g)
+        elif leaf == "beta":  # ResMLP's Affine shift
+            p.normal_(0, 0.1, generator=g)
+    return model
