@@ -118,7 +118,7 @@ class _FakeRunner(Runner):
     def prepare(self, v, warmup, measure=True):
         v.compile_s = 0.0
 
-    def _fwd_bwd(self, v):
+    def step(self, v):
         return 1.0, 1.0
 
 

@@ -22,9 +22,9 @@ import sys
 
 import torch
 
+from .core.models import ZOO_BY_NAME
 from .core.output import COLUMNS, plot, replaced, table
 from .core.runner import Runner, configure_compile, init_distributed, machine
-from .core.zoo_models import BY_NAME
 from .modes import blocks, ddp_splits, fpn_draws, gpu_check, pass_time, resnet, traffic_diff, zoo
 
 PROG = "python -m compile_affine.bench"
@@ -54,7 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     common.add_argument("--finetune", action="store_true", help="traffic: the eval-BN fine-tuning net (nets bn, none)")
     common.add_argument("--variants", help="comma-separated net/backend pairs, e.g. none/inductor,affine/compile_affine")
     common.add_argument("--shapes", help="blocks, layerscale: comma-separated indices into the shape matrix")
-    common.add_argument("--models", help=f"zoo: comma-separated names or 'all' (default: all but the extras); {', '.join(BY_NAME)}")
+    common.add_argument("--models", help=f"zoo: comma-separated names or 'all' (default: all but the extras); {', '.join(ZOO_BY_NAME)}")
     common.add_argument("--size", type=int, help="zoo: input resolution for every model (default: each model's own)")
     common.add_argument("--no-float64", action="store_true", help="zoo: skip the float64 run of the pass")
     common.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")

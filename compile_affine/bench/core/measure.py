@@ -1,23 +1,13 @@
 """What the benchmark measures, shared with the tests: the bytes autograd saves for
-backward; the bytes one compiled step moves, as Inductor counts them; where a step spends
-its device time by kernel class; and a compiled model's outputs and gradients against a
-reference.
+backward; the bytes one compiled step moves; where a step spends its device time by
+kernel class; a compiled model's outputs and gradients against a reference.
 
-Traffic: the affine's cost is memory traffic, not FLOPs, and Inductor already counts the
-bytes each scheduler node (a fused kernel, or an extern call such as a convolution) reads
-and writes: ``GraphLowering.count_bytes()``, which ``compile_fx`` runs for every graph it
-compiles when the ``inductor_metrics`` log artifact is enabled at INFO. The count is a
-static function of the post-grad graph and its shapes: no wall time, so it is the same on
-a loaded machine. It is taken at compile time only, so a graph served from the FX graph
-cache or the AOTAutograd cache would not be counted; ``counting()`` turns both caches off
-and gives Inductor a fresh cache directory for its duration. ``count_step(fn, x)`` is the
-one-call entry point.
-
-Kernel classes: the convolutions (cuDNN / CUTLASS, forward and both backward), Inductor's
-Triton pointwise and reduction kernels (where a stock affine's extra passes land), and the
-rest (GEMMs, copies), read from ``torch.profiler``: self time of the device's kernels
-(CUDA), or of the host ops on CPU (the dry run: there Inductor's C++ kernels are not
-separate events, so the split says little; it proves the code path)."""
+Bytes moved: the affine's cost is memory traffic, not FLOPs, and Inductor counts the bytes
+each scheduler node (a fused kernel, or an extern call such as a convolution) reads and
+writes, ``GraphLowering.count_bytes()``, for every graph it compiles while the
+``inductor_metrics`` log artifact is at INFO. A static function of the post-grad graph:
+the same on a loaded machine. Only a compile counts, so ``counting()`` turns the FX graph
+and AOTAutograd caches off and gives Inductor a fresh cache directory."""
 
 from __future__ import annotations
 
@@ -62,8 +52,6 @@ def saved_for_backward(forward: Callable[[], torch.Tensor]) -> Saved:
 
 @dataclasses.dataclass
 class Kernel:
-    name: str
-    """The scheduler node's name (``op12``, or ``op3_op4`` for a fusion)."""
     kind: str
     """``extern`` (a library call, e.g. a convolution), ``fused``, or the node's class."""
     bytes: int
@@ -112,10 +100,6 @@ def _ops(node) -> str:
     return ",".join(sorted(targets))
 
 
-def _kernel(node) -> Kernel:
-    return Kernel(node.get_name(), _kind(node), node.get_read_write_buffers_sizes(), _ops(node))
-
-
 class _Collect(logging.Handler):
     def __init__(self, traffic: Traffic, kernels: bool):
         super().__init__(logging.INFO)
@@ -128,7 +112,7 @@ class _Collect(logging.Handler):
             return
         graph = GraphTraffic(int(info["num_bytes_accessed"]))
         if self.kernels:
-            graph.kernels = [_kernel(node) for node, _ in info.get("nodes_num_elem", ())]
+            graph.kernels = [Kernel(_kind(n), n.get_read_write_buffers_sizes(), _ops(n)) for n, _ in info.get("nodes_num_elem", ())]
         self.traffic.graphs.append(graph)
 
 
@@ -161,18 +145,19 @@ def counting(kernels: bool = False) -> Iterator[Traffic]:
         log.propagate = propagate
 
 
-def count_step(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor | None = None,
-               kernels: bool = False, autocast: contextlib.AbstractContextManager | None = None) -> Traffic:  # fmt: skip
+def count_step(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, kernels: bool = False) -> Traffic:
     """Compile and run one training step of ``fn`` (a fresh ``torch.compile`` of a model)
     and return the bytes its forward and backward graphs move. ``fn`` must not have been
     called before: a graph compiled earlier is not counted again."""
     with counting(kernels) as traffic:
-        with autocast or contextlib.nullcontext():
-            out = fn(x)
-        out.backward(torch.randn_like(out) if grad is None else grad)
+        out = fn(x)
+        out.backward(torch.randn_like(out))
     return traffic
 
 
+# Where a step's device time goes: the convolutions (cuDNN / CUTLASS, forward and both
+# backward), Inductor's Triton pointwise and reduction kernels (where a stock affine's
+# extra passes land), and the rest (GEMMs, copies).
 CLASSES = ("convolution", "triton pointwise", "triton reduction", "other")
 # Marks of cuDNN's convolution kernels (``sm90_xmma_fprop_implicit_gemm_...``, ``..._dgrad_...``,
 # ``..._wgrad_...``) and its layout transposes; not bare ``xmma``/``cutlass``, which
@@ -192,7 +177,10 @@ def kernel_class(name: str) -> str:
 
 
 def profile_step(step: Callable[[], object], device: str) -> dict[str, float]:
-    """Milliseconds of self time per kernel class over one call of ``step``."""
+    """Milliseconds of self time per kernel class over one call of ``step``, from
+    ``torch.profiler``: of the device's kernels on CUDA, of the host ops on CPU (the dry
+    run: there Inductor's C++ kernels are not separate events, so the split says little;
+    it proves the code path)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
@@ -205,14 +193,9 @@ def profile_step(step: Callable[[], object], device: str) -> dict[str, float]:
     for event in prof.key_averages():
         if event.device_type != kind:
             continue
-        us = _self_device_us(event) if cuda else event.self_cpu_time_total
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
         totals[kernel_class(event.key)] += us / 1e3
     return {c: round(totals[c], 2) for c in CLASSES}
-
-
-def _self_device_us(event) -> float:
-    # ``self_device_time_total`` in newer torch; ``self_cuda_time_total`` before it.
-    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
 
 
 def outputs_and_grads(fn: Callable, model: torch.nn.Module, x: torch.Tensor, g: torch.Tensor | None) -> list:

@@ -44,8 +44,6 @@ class Variant:
     folds: str = ""
     pass_s: float | None = None
     """Seconds compile_affine's pass took in the compile (None for the stock variants)."""
-    settings: dict = dataclasses.field(default_factory=dict)
-    """compile_affine options for this variant alone, over the runner's."""
     opt: torch.optim.Optimizer | None = None
     """With the runner's ``sgd_lr``: the optimizer whose step each timed step includes."""
     peak_mib: float | None = None
@@ -162,54 +160,31 @@ class Runner:
         self.dtype = dtype
         self.inference = inference
 
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def autocast(self):
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _fwd_bwd(self, v: Variant) -> tuple[float, float]:
-        if self.device.type == "cuda":
-            return self._fwd_bwd_cuda(v)
-        t0 = time.perf_counter()
+    def step(self, v: Variant) -> tuple[float, float]:
+        """One training step of ``v`` (a forward alone under ``inference``): its forward and
+        backward milliseconds, from CUDA events (the stream, host launch gaps included;
+        one sync per step) or the wall clock."""
+        marks = [torch.cuda.Event(enable_timing=True) if self.device.type == "cuda" else _Clock() for _ in range(3)]
+        marks[0].record()
         with self.autocast(), torch.inference_mode(self.inference):
             out = v.fn(v.x)
-        self.sync()
-        t1 = time.perf_counter()
-        if self.inference:
-            return (t1 - t0) * 1e3, 0.0
-        if v.grad is None:
-            v.grad = torch.randn_like(out)
-        out.backward(v.grad)
-        if v.opt is not None:
-            v.opt.step()
-        self.sync()
-        t2 = time.perf_counter()
-        for p in v.model.parameters():
-            p.grad = None
-        return (t1 - t0) * 1e3, (t2 - t1) * 1e3
-
-    def _fwd_bwd_cuda(self, v: Variant) -> tuple[float, float]:
-        # Events time the stream, host launch gaps included; one sync per step.
-        start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        start.record()
-        with self.autocast(), torch.inference_mode(self.inference):
-            out = v.fn(v.x)
-        mid.record()
+        marks[1].record()
         if not self.inference:
             if v.grad is None:
                 v.grad = torch.randn_like(out)
             out.backward(v.grad)
             if v.opt is not None:
                 v.opt.step()
-        end.record()
-        end.synchronize()
+        marks[2].record()
+        marks[2].synchronize()
         for p in v.model.parameters():
             p.grad = None
-        return start.elapsed_time(mid), (mid.elapsed_time(end) if not self.inference else 0.0)
+        return marks[0].elapsed_time(marks[1]), 0.0 if self.inference else marks[1].elapsed_time(marks[2])
 
     def peak_step_mib(self, v: Variant) -> float | None:
         """CUDA: peak memory of one step above what was allocated before it."""
@@ -218,7 +193,7 @@ class Runner:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._fwd_bwd(v)
+        self.step(v)
         return (torch.cuda.max_memory_allocated(self.device) - before) / 2**20
 
     def prepare(self, v: Variant, warmup: int, measure: bool = True) -> None:
@@ -236,7 +211,7 @@ class Runner:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             v.model = DistributedDataParallel(v.model, device_ids=ids)
-        v.fn = compiled(v.model, v.backend, {**self.settings, **v.settings})
+        v.fn = compiled(v.model, v.backend, self.settings)
         if self.sgd_lr is not None and not self.inference:
             v.opt = torch.optim.SGD(v.model.parameters(), lr=self.sgd_lr)
         # A fresh cache per variant: no variant reuses kernels another compiled.
@@ -244,7 +219,7 @@ class Runner:
         # scheduler nodes once more per graph), so compile times stay comparable.
         with fresh_cache() if self.fresh_caches else contextlib.nullcontext(), counting() as traffic:
             t0 = time.perf_counter()
-            self._fwd_bwd(v)
+            self.step(v)
             v.compile_s = time.perf_counter() - t0
         v.traffic_bytes = traffic.bytes if v.backend != "eager" else None
         report = compile_affine.report()
@@ -260,7 +235,7 @@ class Runner:
             progress(f"  {v.name}: folds {v.folds}, {(v.traffic_bytes or 0) / 2**20:.1f} MiB moved")
             return
         for _ in range(warmup):
-            self._fwd_bwd(v)
+            self.step(v)
         v.peak_mib = self.peak_step_mib(v)
         if not self.inference:
             with self.autocast():
@@ -288,7 +263,7 @@ class Runner:
             slowest = max(slowest, time.monotonic() - t0)
             if deadline is not None:  # one untimed step: what a round of this variant costs
                 t0 = time.monotonic()
-                self._fwd_bwd(v)
+                self.step(v)
                 step_s = max(step_s, time.monotonic() - t0)
             ready.append(v)
         if not ready:
@@ -300,13 +275,26 @@ class Runner:
                 break
             order = ready[i % len(ready):] + ready[: i % len(ready)]
             for v in order:
-                f, b = self._fwd_bwd(v)
+                f, b = self.step(v)
                 v.fwd_ms.append(f)
                 v.bwd_ms.append(b)
         # First-call time minus a steady step approximates compile time.
         for v in ready:
             v.compile_s = max(0.0, v.compile_s - v.step / 1e3)
         return ready
+
+
+class _Clock:
+    """The wall clock, read as ``torch.cuda.Event`` is."""
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "_Clock") -> float:
+        return (end.t - self.t) * 1e3
 
 
 MIN_ROUNDS = 5

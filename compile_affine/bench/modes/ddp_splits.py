@@ -1,37 +1,24 @@
-"""How many conv -> affine pairs does DDP's graph splitting cost? (issues 20, 29)
+"""How many conv -> affine pairs does DDP's graph splitting cost? (issues 20, 29;
+docs/benchmarks.md, "How many sites DDP's graph splits cost", has the results.)
 
-timm's train.py wraps the model in DistributedDataParallel and then compiles it. Dynamo's
-DDPOptimizer then splits the graph at gradient-bucket boundaries (``bucket_cap_mb``,
-25 MB by default) so that all-reduce overlaps backward. A piece that cut a conv from its
-affine would lose that fold (on ResNet-50 none does: DDPOptimizer closes a bucket after
-the node whose parameters fill it, a conv, so every piece starts at a conv); the table
-gives the report's reason for each site left unfolded. A piece that starts with
-``out += identity`` or ``ReLU(inplace=True)`` updates its own input; until issue 29 that
-refused the site of the conv reading it.
-
-Four ways of running the seed's ResNet-50 (BatchNorm replaced by ``x * w + b``) under
-2 gloo ranks, each counting the affine layers folded with ``fold="always"`` (legality
-only, so the cost rule's shape-dependent declines do not blur the count):
+timm's train.py wraps the model in DistributedDataParallel and then compiles it, and
+Dynamo's DDPOptimizer splits the graph at gradient-bucket boundaries (``bucket_cap_mb``)
+so that all-reduce overlaps backward. A piece that cut a conv from its affine would lose
+that fold; the table gives the report's reason for each site left unfolded. Four ways of
+running the seed's ResNet-50 (BatchNorm replaced by ``x * w + b``) under 2 gloo ranks,
+each counting the affine layers folded with ``fold="always"`` (legality only):
 
 * ``wrap-then-compile``: ``torch.compile(DDP(model))``, timm's order, DDPOptimizer on;
-* ``optimize_ddp=False``: the same order with ``torch._dynamo.config.optimize_ddp = False``
-  (one graph; all-reduce no longer overlaps backward inside it; the bucket size changes
-  nothing here, so it gets one row);
-* ``compile-then-wrap``: ``DDP(torch.compile(model))``. DDPOptimizer splits this one
-  too: Dynamo sees the compiled module running under DDP's forward (measured: the same
-  pieces as ``wrap-then-compile``).
-* ``python_reducer``: ``torch._dynamo.config.optimize_ddp = "python_reducer"`` with
-  compiled autograd (``torch._dynamo.config.compiled_autograd = True``, the step,
-  backward included, compiled): DDP's all-reduces are traced into the compiled
-  backward, so the forward stays one graph and keeps the overlap (torch's account of
-  the mode; not timed here). The bucket size changes nothing here either.
+* ``optimize_ddp=False``: the same with ``torch._dynamo.config.optimize_ddp = False``
+  (one graph; the bucket size changes nothing, so it gets one row);
+* ``compile-then-wrap``: ``DDP(torch.compile(model))`` (DDPOptimizer splits this too);
+* ``python_reducer``: ``optimize_ddp = "python_reducer"`` with compiled autograd (the
+  step, backward included, compiled; one forward graph; one row).
 
 Each row also trains the compiled wrapper and the same wrapper in eager for ``--steps``
-SGD steps in float64 (each rank its own data; the affine layers' weights and biases
-randomised, so that folding them is not the identity) and gives the largest relative
-difference of any parameter afterwards: the fold must leave training where eager DDP
-leaves it, to rounding. The error is each parameter's difference from eager's relative to
-eager's total update, so a wrong gradient shows at its own size.
+SGD steps in float64 (each rank its own data; the affine layers randomised, so that
+folding them is not the identity) and gives the largest difference of any parameter
+afterwards, relative to eager's total update of it: a wrong gradient shows at its own size.
 
     python -m compile_affine.bench ddp-splits [--bucket-cap-mb 25,1] [--res 64] [--steps 3]
 """

@@ -1,37 +1,19 @@
 """``python -m compile_affine.bench gpu-check [--dry-run]`` (``make gpu-check``): what a
-lent GPU machine runs, as one command that fits in 8 minutes with cold caches.
+lent GPU machine runs, as one command that fits in 8 minutes with cold caches; README.md
+("make gpu-check") says what each section measures and what the run leaves.
 
-Sections, most important first; the plan, with estimated seconds, is printed first. Each
-section has a deadline (its share of the budget, at most what is left) and stops itself
-there: no further shape or variant is compiled once the slowest so far would overrun it,
-and timing rounds stop at it; its table then says "partial" and what it left out.
-
-1. blocks: conv -> affine -> relu blocks at ResNet-50 stage shapes (batch 32), from
-   activation-heavy to weight-heavy, stock Inductor against every site folded: where
-   folding starts to pay on this GPU, the number ``settings.TRAFFIC_BREAK_EVEN`` (the
-   default ``objective="time"`` threshold) only derives;
-2. resnet: the seed's ResNet-50 as GPU users train it, bf16 autocast and channels_last,
-   batch 32 at 224 px: affine/inductor, affine/compile_affine, none/inductor, bn/inductor,
-   with a torch.profiler split of one step's device time by kernel class per variant;
-3. finetune: ResNet-50 with every BatchNorm in eval mode (fp32, channels_last: under
-   autocast compile_affine refuses eval-mode batch norms), stock Inductor, compile_affine,
-   Inductor's own efficient_conv_bn_eval, and the no-norm floor;
-4. max-autotune: one block shape under ``mode="max-autotune-no-cudagraphs"`` (Triton
-   conv templates, the affine in their epilogue), stock and ours;
-5. resnet-fp32: the seed's ResNet-50 in fp32, if the budget still allows;
-6. tests: the suite's device-parametrized tests on cuda (``pytest -k cuda``), the fuzzers
-   at a short hypothesis profile.
-
-Variants share one Inductor/Triton cache, so a kernel several variants need compiles
-once (compile times are then not comparable between variants; the CPU benchmark's are).
-Every row carries ``traffic_bytes``, the bytes Inductor counts for the compiled step.
-gpu-check.json and gpu-check.md are rewritten (atomically) after every section, so a run
-killed at its time limit leaves every finished section. Writes gpu-check.json,
-gpu-check.md, gpu-check.png and gpu-check-tests.log into ``$OUT`` if set, else
-``gpu-check-out/``. Step times come from CUDA
-events, medians over interleaved steps; peak memory from torch.cuda.max_memory_allocated.
-Without a CUDA device it says so and exits 0. ``--dry-run`` runs the same sections on
-CPU at tiny sizes; ``make gpu-twin`` (in CI) runs that on the GPU machine's interpreter.
+Sections, most important first, each stopping itself at its deadline (its share of the
+budget; its table then says "partial" and what it left out): blocks (ResNet-50's conv
+shapes, stock against every site folded: where folding starts to pay on this GPU, the
+number ``settings.TRAFFIC_BREAK_EVEN`` only derives), resnet (bf16 autocast,
+channels_last, batch 32 at 224 px, with a torch.profiler split of each variant's step by
+kernel class), finetune (eval-mode BatchNorm, fp32), max-autotune, resnet-fp32 and tests
+(``pytest -k cuda``). Variants share one Inductor/Triton cache (compile times are then
+not comparable between variants). gpu-check.json and gpu-check.md are replaced after
+every section, so a run killed at its time limit leaves every finished section; they,
+gpu-check.png and gpu-check-tests.log go to ``$OUT`` if set, else ``gpu-check-out/``.
+Without a CUDA device it says so and exits 0; ``--dry-run`` runs the same sections on CPU
+at tiny sizes (``make gpu-twin``, in CI, runs that on the GPU machine's interpreter).
 """
 
 from __future__ import annotations
@@ -122,16 +104,10 @@ REPO = pathlib.Path(__file__).resolve().parents[3]
 
 class Clock:
     def __init__(self, budget_s: float):
-        self.t0 = time.monotonic()
-        self.budget_s = budget_s
+        self.t0, self.budget_s = time.monotonic(), budget_s
 
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    @property
-    def left(self) -> float:
-        return self.budget_s - self.elapsed
+    elapsed = property(lambda self: time.monotonic() - self.t0)
+    left = property(lambda self: self.budget_s - self.elapsed)
 
     def log(self, msg: str) -> None:
         print(f"[gpu-check +{self.elapsed:5.0f}s] {msg}", file=sys.stderr, flush=True)
@@ -231,8 +207,8 @@ def run_nets(plan: Plan, runner: Runner, deadline: float, finetune: bool = False
     rows = []
     for v in ready:
         row = _row(name, v, ready)
-        if time.monotonic() < deadline:  # _fwd_bwd enters the runner's autocast itself
-            ms = profile_step(lambda: runner._fwd_bwd(v), plan.device)
+        if time.monotonic() < deadline:  # step enters the runner's autocast itself
+            ms = profile_step(lambda: runner.step(v), plan.device)
             row.update({f"{c} ms": t for c, t in ms.items()})
         rows.append(row)
     cut = _cut(plan, variants, ready)

@@ -15,21 +15,21 @@ import compile_affine
 from ..core.measure import outputs_and_grads, rel_errors
 from ..core.output import ratio, table as markdown
 from ..core.runner import Runner, Variant, fx_backend, progress
-from ..core.zoo_models import ZooModel, select
+from ..core.models import ZooModel, select_zoo
 
 
 def run(args, runner: Runner) -> list[dict]:
     """zoo: timm and torchvision models that carry affines (LayerScale ViTs and ConvNeXts,
     MetaFormer, NF-ResNet gains, FrozenBN and eval-BN ResNets, an FPN backbone; the
-    catalogue is core/zoo_models.py). For each model: what the pass found, folded, declined
+    catalogue is in core/models.py). For each model: what the pass found, folded, declined
     and refused (from ``report()``); saved-for-backward bytes and training-step time against
     stock Inductor, interleaved; fp32 agreement with eager, the error of both compiled runs
     and of eager itself against a float64 eager run, and a float64 run of the pass
     (``fold="always"``) executed as FX graphs against float64 eager."""
-    entries = select(args.models)
+    entries = select_zoo(args.models)
     est = sum(m.est_s for m in entries)
     progress(f"zoo: {len(entries)} models ({', '.join(m.name for m in entries)}); expected about {est / 60:.0f} min "
-             f"on a quiet 2-core CPU at default sizes (per-model estimates in compile_affine/bench/core/zoo_models.py)")  # fmt: skip
+             f"on a quiet 2-core CPU at default sizes (per-model estimates in compile_affine/bench/core/models.py)")  # fmt: skip
     rows = []
     start, expected = time.perf_counter(), 0
     for i, m in enumerate(entries):
