@@ -95,8 +95,8 @@ class BlockShape:
     depthwise: bool = False
     depth: int = 4
 
-    def input(self, device, dtype=torch.float32) -> torch.Tensor:
-        return torch.randn(self.batch, self.channels, self.size, self.size, device=device, dtype=dtype)
+    def input(self, device) -> torch.Tensor:
+        return torch.randn(self.batch, self.channels, self.size, self.size, device=device)
 
     def build(self, norm: str) -> nn.Module:
         torch.manual_seed(0)
@@ -169,11 +169,10 @@ class MlpShape:
     nhwc: bool = False
     depth: int = 4
 
-    def input(self, device, dtype=torch.float32) -> torch.Tensor:
-        if self.nhwc:
-            side = int(self.tokens**0.5)
-            return torch.randn(self.batch, self.dim, side, side, device=device, dtype=dtype)
-        return torch.randn(self.batch, self.tokens, self.dim, device=device, dtype=dtype)
+    def input(self, device) -> torch.Tensor:
+        side = int(self.tokens**0.5)
+        shape = (self.batch, self.dim, side, side) if self.nhwc else (self.batch, self.tokens, self.dim)
+        return torch.randn(*shape, device=device)
 
     def build(self, norm: str) -> nn.Module:
         torch.manual_seed(0)
