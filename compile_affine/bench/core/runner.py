@@ -127,7 +127,7 @@ def fx_backend(settings: compile_affine.Settings | None = None, run: Callable | 
 
 
 def configure_compile() -> None:
-    """What every mode sets before it compiles."""
+    """What the timed modes, traffic-diff and gpu-check set before they compile."""
     # Compile time is part of what we measure, so nothing may come from a warm cache.
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
