@@ -52,7 +52,7 @@ test-min-core: $(MIN_STAMP)
 	$(MIN_VENV)/bin/python -m pytest -q -m core $(ARGS)
 
 gpu-check:
-	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m compile_affine.bench.gpu_check $(ARGS)
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m compile_affine.bench gpu-check $(ARGS)
 
 gpu-twin: $(TWIN_STAMP)
 	$(MAKE) gpu-check GPU_PYTHON=$(TWIN_VENV)/bin/python ARGS="--dry-run $(ARGS)"

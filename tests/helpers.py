@@ -11,12 +11,12 @@ from typing import Callable
 import pytest
 import torch
 import torch.fx as fx
-from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import aot_function, make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.decomposition import select_decomp_table
 
 import compile_affine
+from compile_affine.bench.core.runner import fx_backend
 from compile_affine.passes.fold import AffineFoldPass
 from compile_affine.settings import Settings, env_enabled
 
@@ -64,19 +64,9 @@ def _boxed(gm: fx.GraphModule, _inputs):
 def pass_backend(settings: Settings = ALWAYS, captured: Captured | None = None):
     """A Dynamo backend equivalent to ours for the graph-level work: the same
     decompositions, the pass on the joint graph (training) or forward graph
-    (inference), the same min-cut partitioner, but graphs run as plain FX."""
-    run = _pass_runner(settings, captured)
-
-    def partition(joint, joint_inputs, **kwargs):
-        return min_cut_rematerialization_partition(run(joint), joint_inputs, **kwargs)
-
-    compile_graph = aot_autograd(
-        fw_compiler=_boxed,
-        bw_compiler=_boxed,
-        inference_compiler=lambda gm, inputs: make_boxed_func(run(gm)),
-        partition_fn=partition,
-        decompositions=select_decomp_table(),
-    )
+    (inference), the same min-cut partitioner, but graphs run as plain FX (the
+    benchmark's ``fx_backend``, with this harness's capture, switch and aliasing guard)."""
+    compile_graph = fx_backend(run=_pass_runner(settings, captured))
 
     def backend(gm: fx.GraphModule, example_inputs):
         return _aliasing_checked(gm, compile_graph(gm, example_inputs))

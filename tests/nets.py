@@ -164,7 +164,7 @@ class TinyResNet(nn.Module):
     block's conv reads it (ResNet-50's pieces start so)."""
 
     def __init__(self, width=128, blocks=2):
-        from compile_affine.bench.models import Affine2d
+        from compile_affine.bench.core.models import Affine2d
 
         super().__init__()
         self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ._expect import TestCase, pinned_on_2_14  # skips where expecttest is missing
 
 import compile_affine
-from compile_affine.bench.measure import saved_for_backward
+from compile_affine.bench.core.measure import saved_for_backward
 from compile_affine.settings import Settings
 
 from .helpers import ALWAYS, check_against_eager, count, forward_graph, graph_text, joint_graph, on_devices, pass_backend
@@ -453,7 +453,9 @@ def test_finetune_bench_keeps_norms_in_eval_and_runs(tmp_path):
     import json
 
     import compile_affine.bench.__main__ as bench
-    from compile_affine.bench.models import resnet50_finetune
+    from compile_affine.bench.core.models import resnet50_finetune
+    from compile_affine.bench.core.runner import BACKENDS
+    from compile_affine.bench.modes.resnet import FINETUNE_VARIANTS
 
     model = resnet50_finetune("bn").train()
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -464,4 +466,4 @@ def test_finetune_bench_keeps_norms_in_eval_and_runs(tmp_path):
     assert bench.main(argv) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"none / eager", "bn / eager"} and all(r["step_ms"] > 0 for r in rows.values())
-    assert "inductor-conv_bn_eval" in bench.BACKENDS and "bn/inductor-conv_bn_eval" in bench.FINETUNE_VARIANTS
+    assert "inductor-conv_bn_eval" in BACKENDS and "bn/inductor-conv_bn_eval" in FINETUNE_VARIANTS

@@ -4,6 +4,8 @@
 import json
 
 import compile_affine.bench.__main__ as bench
+from compile_affine.bench.core.runner import parse_variants
+from compile_affine.bench.modes.blocks import BLOCK_VARIANTS
 
 
 def test_blocks_cli_writes_json(tmp_path, capsys):
@@ -30,4 +32,4 @@ def test_unknown_backend_is_rejected():
     import pytest
 
     with pytest.raises(SystemExit, match="unknown backend"):
-        bench._variants("affine/tvm", bench.BLOCK_VARIANTS)
+        parse_variants("affine/tvm", BLOCK_VARIANTS)

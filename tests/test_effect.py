@@ -7,7 +7,7 @@ import logging
 import torch
 
 import compile_affine
-from compile_affine.bench.measure import saved_for_backward
+from compile_affine.bench.core.measure import saved_for_backward
 from compile_affine.settings import Settings
 
 from .helpers import ALWAYS, Captured, pass_backend

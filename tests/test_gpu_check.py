@@ -15,16 +15,17 @@ import time
 import pytest
 import torch
 
-import compile_affine.bench.gpu_check as gpu_check
-from compile_affine.bench.kernels import CLASSES, kernel_class
-from compile_affine.bench.runner import Runner, Variant
+import compile_affine.bench.__main__ as bench
+import compile_affine.bench.modes.gpu_check as gpu_check
+from compile_affine.bench.core.measure import CLASSES, kernel_class
+from compile_affine.bench.core.runner import Runner, Variant
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_dry_run_writes_every_section(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "compile_affine.bench.gpu_check", "--dry-run"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "compile_affine.bench", "gpu-check", "--dry-run"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -58,7 +59,7 @@ def test_dry_run_writes_every_section(tmp_path):
 
 def test_without_a_gpu_one_line_and_exit_0(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_check.main(["--out", str(tmp_path)]) == 0
+    assert bench.main(["gpu-check", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "no CUDA device" in out[0]
     assert not any(tmp_path.iterdir())
@@ -73,7 +74,7 @@ def test_pytest_summary_of_a_run_cut_off():
 
 def test_unknown_section_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown section"):
-        gpu_check.main(["--dry-run", "--only", "resnet,nope", "--out", str(tmp_path)])
+        bench.main(["gpu-check", "--dry-run", "--only", "resnet,nope", "--out", str(tmp_path)])
 
 
 def test_gpu_blocks_bracket_the_gpu_default():
@@ -86,7 +87,7 @@ def test_gpu_blocks_bracket_the_gpu_default():
 def test_a_run_killed_mid_way_leaves_the_sections_it_finished(tmp_path):
     """SIGKILL after the first section: its JSON and table are already on disk, whole."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OUT": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "compile_affine.bench.gpu_check", "--dry-run", "--only", "blocks,resnet"],
+    proc = subprocess.Popen([sys.executable, "-m", "compile_affine.bench", "gpu-check", "--dry-run", "--only", "blocks,resnet"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     path, deadline = tmp_path / "gpu-check.json", time.monotonic() + 600
@@ -117,7 +118,7 @@ class _FakeRunner(Runner):
     def prepare(self, v, warmup, measure=True):
         v.compile_s = 0.0
 
-    def _fwd_bwd(self, v):
+    def step(self, v):
         return 1.0, 1.0
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import compile_affine
-from compile_affine.bench.fpn_draws import randomize
+from compile_affine.bench.modes.fpn_draws import randomize
 from compile_affine.settings import Settings
 
 from .helpers import ALWAYS, pass_backend

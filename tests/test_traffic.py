@@ -1,12 +1,12 @@
-"""Bytes moved per training step, from Inductor's own count (bench/traffic.py): a
+"""Bytes moved per training step, from Inductor's own count (bench/core/measure.py): a
 deterministic stand-in for step time on a GPU, so it can be pinned without timing."""
 
 import logging
 
 import torch
 
-from compile_affine.bench.models import BlockShape
-from compile_affine.bench.traffic import _metrics_logger, count_step
+from compile_affine.bench.core.measure import _metrics_logger, count_step
+from compile_affine.bench.core.models import BlockShape
 
 # The issue's 2-conv 64-channel block at 56 px, batch 8, scaled down; the order is the
 # same (there: floor 133.1, ours 154.5, stock 166.9 MB).

@@ -1,6 +1,8 @@
-"""Timing method: every variant compiled first, then steps interleaved across variants
-(rotating the order each round), medians reported. Ratios between variants measured
-in one process are what we quote; absolute times drift with the machine."""
+"""Compiling and running the variants. Timing method: every variant compiled first, then
+steps interleaved across variants (rotating the order each round), medians reported.
+Ratios between variants measured in one process are what we quote; absolute times drift
+with the machine. Also the one FX backend (the pass, graphs run as FX) and the compile
+settings every mode uses."""
 
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ from torch._inductor.utils import fresh_cache
 
 import compile_affine
 
-from .measure import saved_for_backward
-from .traffic import counting
+from .measure import counting, saved_for_backward
 
 BACKENDS = ("eager", "inductor", "inductor-conv_bn_eval", "compile_affine", "compile_affine-memory",
             "compile_affine-always", "compile_affine-epilogue", "inductor-max-autotune", "compile_affine-max-autotune")  # fmt: skip
@@ -43,20 +44,19 @@ class Variant:
     folds: str = ""
     pass_s: float | None = None
     """Seconds compile_affine's pass took in the compile (None for the stock variants)."""
-    settings: dict = dataclasses.field(default_factory=dict)
-    """compile_affine options for this variant alone, over the runner's."""
-    label: str = ""
     opt: torch.optim.Optimizer | None = None
     """With the runner's ``sgd_lr``: the optimizer whose step each timed step includes."""
     peak_mib: float | None = None
     """CUDA: the step's peak allocation above what was allocated before it."""
     traffic_bytes: int | None = None
     """Bytes the compiled forward and backward kernels read and write in one step, as
-    Inductor counts them (bench/traffic.py); None for eager."""
+    Inductor counts them (core/measure.py); None for eager."""
+    report: compile_affine.Report | None = None
+    """``compile_affine.report()`` after this variant's compile (the next one resets it)."""
 
     @property
     def name(self) -> str:
-        return f"{self.net} / {self.backend}{self.label}"
+        return f"{self.net} / {self.backend}"
 
     @property
     def fwd(self) -> float:
@@ -89,12 +89,50 @@ def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
     return torch.compile(model, backend="compile_affine", options=ours)
 
 
+def parse_variants(spec: str | None, default: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``--variants none/inductor,affine/compile_affine`` (else ``default``) as (net, backend) pairs."""
+    pairs = [tuple(v.split("/")) for v in (spec.split(",") if spec else default)]
+    for net, backend in pairs:
+        if backend not in BACKENDS:
+            raise SystemExit(f"unknown backend {backend!r} in --variants; choose from {BACKENDS}")
+    return pairs
+
+
+def fx_backend(settings: compile_affine.Settings | None = None, run: Callable | None = None):
+    """The pass under AOTAutograd with Inductor's decompositions and min-cut partitioner,
+    the graphs run as FX (no C++ compile): a check of the rewrite's algebra, in float64
+    too, that costs seconds. ``run(gm) -> gm`` replaces the pass on each joint or
+    inference graph (to time it, capture the graphs, or switch it off)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    from compile_affine.passes.fold import AffineFoldPass
+
+    if run is None:
+        fold_pass = AffineFoldPass(settings)
+
+        def run(gm):
+            fold_pass(gm.graph)
+            return gm
+
+    return aot_autograd(
+        fw_compiler=lambda gm, _: make_boxed_func(gm),
+        bw_compiler=lambda gm, _: make_boxed_func(gm),
+        inference_compiler=lambda gm, _: make_boxed_func(run(gm)),
+        partition_fn=lambda joint, inputs, **kw: min_cut_rematerialization_partition(run(joint), inputs, **kw),
+        decompositions=select_decomp_table(),
+    )
+
+
 def configure_compile() -> None:
-    """What ``python -m compile_affine.bench`` sets before it compiles (its main does the same)."""
+    """What the timed modes, traffic-diff and gpu-check set before they compile."""
     # Compile time is part of what we measure, so nothing may come from a warm cache.
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
-    # Variants share forward code objects: each is a recompile of the same frame, static shapes.
+    # Variants share forward code objects (nn.Sequential, torchvision blocks): each is a
+    # recompile of the same frame. Keep every one compiled, each with static shapes.
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 1024
     torch._dynamo.config.automatic_dynamic_shapes = False
@@ -122,54 +160,31 @@ class Runner:
         self.dtype = dtype
         self.inference = inference
 
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def autocast(self):
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _fwd_bwd(self, v: Variant) -> tuple[float, float]:
-        if self.device.type == "cuda":
-            return self._fwd_bwd_cuda(v)
-        t0 = time.perf_counter()
+    def step(self, v: Variant) -> tuple[float, float]:
+        """One training step of ``v`` (a forward alone under ``inference``): its forward and
+        backward milliseconds, from CUDA events (the stream, host launch gaps included;
+        one sync per step) or the wall clock."""
+        marks = [torch.cuda.Event(enable_timing=True) if self.device.type == "cuda" else _Clock() for _ in range(3)]
+        marks[0].record()
         with self.autocast(), torch.inference_mode(self.inference):
             out = v.fn(v.x)
-        self.sync()
-        t1 = time.perf_counter()
-        if self.inference:
-            return (t1 - t0) * 1e3, 0.0
-        if v.grad is None:
-            v.grad = torch.randn_like(out)
-        out.backward(v.grad)
-        if v.opt is not None:
-            v.opt.step()
-        self.sync()
-        t2 = time.perf_counter()
-        for p in v.model.parameters():
-            p.grad = None
-        return (t1 - t0) * 1e3, (t2 - t1) * 1e3
-
-    def _fwd_bwd_cuda(self, v: Variant) -> tuple[float, float]:
-        # Events time the stream, host launch gaps included; one sync per step.
-        start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        start.record()
-        with self.autocast(), torch.inference_mode(self.inference):
-            out = v.fn(v.x)
-        mid.record()
+        marks[1].record()
         if not self.inference:
             if v.grad is None:
                 v.grad = torch.randn_like(out)
             out.backward(v.grad)
             if v.opt is not None:
                 v.opt.step()
-        end.record()
-        end.synchronize()
+        marks[2].record()
+        marks[2].synchronize()
         for p in v.model.parameters():
             p.grad = None
-        return start.elapsed_time(mid), (mid.elapsed_time(end) if not self.inference else 0.0)
+        return marks[0].elapsed_time(marks[1]), 0.0 if self.inference else marks[1].elapsed_time(marks[2])
 
     def peak_step_mib(self, v: Variant) -> float | None:
         """CUDA: peak memory of one step above what was allocated before it."""
@@ -178,7 +193,7 @@ class Runner:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._fwd_bwd(v)
+        self.step(v)
         return (torch.cuda.max_memory_allocated(self.device) - before) / 2**20
 
     def prepare(self, v: Variant, warmup: int, measure: bool = True) -> None:
@@ -196,7 +211,7 @@ class Runner:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             v.model = DistributedDataParallel(v.model, device_ids=ids)
-        v.fn = compiled(v.model, v.backend, {**self.settings, **v.settings})
+        v.fn = compiled(v.model, v.backend, self.settings)
         if self.sgd_lr is not None and not self.inference:
             v.opt = torch.optim.SGD(v.model.parameters(), lr=self.sgd_lr)
         # A fresh cache per variant: no variant reuses kernels another compiled.
@@ -204,7 +219,7 @@ class Runner:
         # scheduler nodes once more per graph), so compile times stay comparable.
         with fresh_cache() if self.fresh_caches else contextlib.nullcontext(), counting() as traffic:
             t0 = time.perf_counter()
-            self._fwd_bwd(v)
+            self.step(v)
             v.compile_s = time.perf_counter() - t0
         v.traffic_bytes = traffic.bytes if v.backend != "eager" else None
         report = compile_affine.report()
@@ -216,14 +231,16 @@ class Runner:
         if report.epilogues:
             v.folds += f" +{report.fused_epilogues}/{len(report.epilogues)} epi"
         if not measure:
+            v.report = report
             progress(f"  {v.name}: folds {v.folds}, {(v.traffic_bytes or 0) / 2**20:.1f} MiB moved")
             return
         for _ in range(warmup):
-            self._fwd_bwd(v)
+            self.step(v)
         v.peak_mib = self.peak_step_mib(v)
         if not self.inference:
             with self.autocast():
                 v.saved_mib = saved_for_backward(lambda: v.fn(v.x)).mib
+        v.report = compile_affine.report()
         own = "" if v.pass_s is None else f" (pass {v.pass_s:.2f}s)"
         moved = "" if v.traffic_bytes is None else f", {v.traffic_bytes / 2**20:.1f} MiB moved"
         progress(f"  {v.name}: first step {v.compile_s:.1f}s{own}, folds {v.folds}{moved}")
@@ -246,7 +263,7 @@ class Runner:
             slowest = max(slowest, time.monotonic() - t0)
             if deadline is not None:  # one untimed step: what a round of this variant costs
                 t0 = time.monotonic()
-                self._fwd_bwd(v)
+                self.step(v)
                 step_s = max(step_s, time.monotonic() - t0)
             ready.append(v)
         if not ready:
@@ -258,13 +275,26 @@ class Runner:
                 break
             order = ready[i % len(ready):] + ready[: i % len(ready)]
             for v in order:
-                f, b = self._fwd_bwd(v)
+                f, b = self.step(v)
                 v.fwd_ms.append(f)
                 v.bwd_ms.append(b)
         # First-call time minus a steady step approximates compile time.
         for v in ready:
             v.compile_s = max(0.0, v.compile_s - v.step / 1e3)
         return ready
+
+
+class _Clock:
+    """The wall clock, read as ``torch.cuda.Event`` is."""
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "_Clock") -> float:
+        return (end.t - self.t) * 1e3
 
 
 MIN_ROUNDS = 5

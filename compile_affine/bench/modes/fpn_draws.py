@@ -1,7 +1,7 @@
 """fp32 gradient error against float64 on torchvision's ResNet-18 FPN backbone with
 random FrozenBatchNorm2d statistics, over many draws (docs/design.md, "Numerics").
 
-    python -m compile_affine.bench.fpn_draws --batch 4 --res 160 --draws 12 --backends stock,ours
+    python -m compile_affine.bench fpn-draws --batch 4 --res 160 --draws 12 --backends stock,ours
 
 Each backend compiles once; every draw then loads new weights, FrozenBN statistics and
 input (values only: no recompile), runs one backward of the sum of the FPN outputs and
@@ -13,11 +13,12 @@ by 1e-4 to 1e-3; a single draw cannot tell one backend from another.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
 import torch
+
+from ..core.models import randomize as randomize_model
 
 BACKENDS = {
     "stock": dict(backend="inductor"),
@@ -27,25 +28,10 @@ BACKENDS = {
 
 
 def randomize(model: torch.nn.Module, seed: int, batch: int, res: int, conv_bias: float = 0.0) -> torch.Tensor:
-    """The issue's draw: fresh conv weights (biases zero, or U(-conv_bias, conv_bias)),
-    FrozenBN weight U(0.5,1.5), bias N(0,0.1), running mean N(0,0.1), running var
-    U(0.5,2); returns the input."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
+    """The issue's draw, seeded by ``seed``: fresh conv weights (biases zero, or
+    U(-conv_bias, conv_bias)) and FrozenBN values (``core.models.randomize``); returns the input."""
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                torch.nn.init.kaiming_uniform_(m.weight, a=1, generator=g)
-                if m.bias is not None and conv_bias:
-                    m.bias.uniform_(-conv_bias, conv_bias, generator=g)
-                elif m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, FrozenBatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 2, generator=g)
+    randomize_model(model, g, conv_bias=conv_bias)
     return torch.randn(batch, 3, res, res, generator=g)
 
 
@@ -62,16 +48,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def main(argv: list[str] | None = None) -> None:
+def add_args(p) -> None:
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--res", type=int, default=160)
+    p.add_argument("--draws", type=int, default=12)
+    p.add_argument("--backends", default="stock,ours", help=f"comma-separated, from {', '.join(BACKENDS)}")
+
+
+def main(args, command: str) -> int:
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.misc import FrozenBatchNorm2d
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--res", type=int, default=160)
-    ap.add_argument("--draws", type=int, default=12)
-    ap.add_argument("--backends", default="stock,ours", help=f"comma-separated, from {', '.join(BACKENDS)}")
-    args = ap.parse_args(argv)
 
     torch.manual_seed(0)
     base = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=5)
@@ -98,7 +84,4 @@ def main(argv: list[str] | None = None) -> None:
             forward = max(_rel(outs[k], o64[k]) for k in o64)
             row.append(f"{errors['body.conv1.weight']:.1e} {layer1:.1e} {max(errors.values()):.1e} {forward:.1e}")
         print(*row, flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -4,44 +4,38 @@ node, for ResNet-18/50/152 with eval-mode BatchNorm (static and dynamic shapes) 
 no C++ compile, so a row costs seconds. Seconds are noisy under load; the growth shape
 (sec per node flat across sizes) is what to read. Each row runs ``--repeat`` times.
 
-    python -m compile_affine.bench.pass_time [--repeat 2] [--models resnet18,vit24]
+    python -m compile_affine.bench pass-time [--repeat 2] [--models resnet18,vit24]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
+from compile_affine.passes.fold import AffineFoldPass
 from compile_affine.settings import Settings
+
+from ..core.models import NormEval
+from ..core.runner import fx_backend
 
 
 def _backend(rows: list):
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from torch._inductor.decomposition import select_decomp_table
-
-    from compile_affine.passes.fold import AffineFoldPass
-
+    """The FX backend, each pass run timed: (joint-graph nodes, seconds, its record) into ``rows``."""
     fold_pass = AffineFoldPass(Settings(strict=True))
 
-    def partition(joint, inputs, **kw):
-        nodes = len(joint.graph.nodes)
+    def run(gm):
+        nodes = len(gm.graph.nodes)
         t0 = time.perf_counter()
-        fold_pass(joint.graph)
+        fold_pass(gm.graph)
         rows.append((nodes, time.perf_counter() - t0, fold_pass.records[-1]))
-        return min_cut_rematerialization_partition(joint, inputs, **kw)
+        return gm
 
-    return aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=lambda gm, _: make_boxed_func(gm),
-                        partition_fn=partition, decompositions=select_decomp_table())  # fmt: skip
+    return fx_backend(run=run)
 
 
 def _resnet(arch: str):
     import torchvision
-
-    from .models import NormEval
 
     torch.manual_seed(0)
     return NormEval(getattr(torchvision.models, arch)()).train()
@@ -76,12 +70,12 @@ def measure(name: str) -> tuple[int, float, int]:
     return sum(r[0] for r in rows), sum(r[1] for r in rows), sum(len(r[2].sites) for r in rows)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m compile_affine.bench.pass_time", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+def add_args(p) -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--repeat", type=int, default=2)
-    args = p.parse_args(argv)
+
+
+def main(args, command: str) -> int:
     print("| model | joint nodes | sites | pass s (each run) | us per node |")
     print("|---|---|---|---|---|")
     for name in args.models.split(","):
@@ -91,7 +85,3 @@ def main(argv=None) -> int:
         per_node = min(secs) / nodes * 1e6
         print(f"| {name} | {nodes} | {sites} | {' / '.join(f'{s:.3f}' for s in secs)} | {per_node:.1f} |", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

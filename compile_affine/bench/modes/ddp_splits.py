@@ -1,44 +1,30 @@
-"""How many conv -> affine pairs does DDP's graph splitting cost? (issues 20, 29)
+"""How many conv -> affine pairs does DDP's graph splitting cost? (issues 20, 29;
+docs/benchmarks.md, "How many sites DDP's graph splits cost", has the results.)
 
-timm's train.py wraps the model in DistributedDataParallel and then compiles it. Dynamo's
-DDPOptimizer then splits the graph at gradient-bucket boundaries (``bucket_cap_mb``,
-25 MB by default) so that all-reduce overlaps backward. A piece that cut a conv from its
-affine would lose that fold (on ResNet-50 none does: DDPOptimizer closes a bucket after
-the node whose parameters fill it, a conv, so every piece starts at a conv); the table
-gives the report's reason for each site left unfolded. A piece that starts with
-``out += identity`` or ``ReLU(inplace=True)`` updates its own input; until issue 29 that
-refused the site of the conv reading it.
-
-Four ways of running the seed's ResNet-50 (BatchNorm replaced by ``x * w + b``) under
-2 gloo ranks, each counting the affine layers folded with ``fold="always"`` (legality
-only, so the cost rule's shape-dependent declines do not blur the count):
+timm's train.py wraps the model in DistributedDataParallel and then compiles it, and
+Dynamo's DDPOptimizer splits the graph at gradient-bucket boundaries (``bucket_cap_mb``)
+so that all-reduce overlaps backward. A piece that cut a conv from its affine would lose
+that fold; the table gives the report's reason for each site left unfolded. Four ways of
+running the seed's ResNet-50 (BatchNorm replaced by ``x * w + b``) under 2 gloo ranks,
+each counting the affine layers folded with ``fold="always"`` (legality only):
 
 * ``wrap-then-compile``: ``torch.compile(DDP(model))``, timm's order, DDPOptimizer on;
-* ``optimize_ddp=False``: the same order with ``torch._dynamo.config.optimize_ddp = False``
-  (one graph; all-reduce no longer overlaps backward inside it; the bucket size changes
-  nothing here, so it gets one row);
-* ``compile-then-wrap``: ``DDP(torch.compile(model))``. DDPOptimizer splits this one
-  too: Dynamo sees the compiled module running under DDP's forward (measured: the same
-  pieces as ``wrap-then-compile``).
-* ``python_reducer``: ``torch._dynamo.config.optimize_ddp = "python_reducer"`` with
-  compiled autograd (``torch._dynamo.config.compiled_autograd = True``, the step,
-  backward included, compiled): DDP's all-reduces are traced into the compiled
-  backward, so the forward stays one graph and keeps the overlap (torch's account of
-  the mode; not timed here). The bucket size changes nothing here either.
+* ``optimize_ddp=False``: the same with ``torch._dynamo.config.optimize_ddp = False``
+  (one graph; the bucket size changes nothing, so it gets one row);
+* ``compile-then-wrap``: ``DDP(torch.compile(model))`` (DDPOptimizer splits this too);
+* ``python_reducer``: ``optimize_ddp = "python_reducer"`` with compiled autograd (the
+  step, backward included, compiled; one forward graph; one row).
 
 Each row also trains the compiled wrapper and the same wrapper in eager for ``--steps``
-SGD steps in float64 (each rank its own data; the affine layers' weights and biases
-randomised, so that folding them is not the identity) and gives the largest relative
-difference of any parameter afterwards: the fold must leave training where eager DDP
-leaves it, to rounding. The error is each parameter's difference from eager's relative to
-eager's total update, so a wrong gradient shows at its own size.
+SGD steps in float64 (each rank its own data; the affine layers randomised, so that
+folding them is not the identity) and gives the largest difference of any parameter
+afterwards, relative to eager's total update of it: a wrong gradient shows at its own size.
 
-    python -m compile_affine.bench.ddp_splits [--bucket-cap-mb 25,1] [--res 64] [--steps 3]
+    python -m compile_affine.bench ddp-splits [--bucket-cap-mb 25,1] [--res 64] [--steps 3]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -50,22 +36,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .models import Affine2d, resnet50
+from ..core.models import Affine2d, randomize, resnet50
 
 WORLD = 2
 ORDERS = ("wrap-then-compile", "optimize_ddp=False", "compile-then-wrap", "python_reducer")
 OPTIONS = {"compile_affine": {"fold": "always"}}
-
-
-def _randomised(model: torch.nn.Module) -> torch.nn.Module:
-    """The affine layers' weights and biases drawn (the same on every rank), float64."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, Affine2d):
-                m.weight.uniform_(0.3, 0.6, generator=gen)  # larger ones blow up without norms
-                m.bias.normal_(0, 0.1, generator=gen)
-    return model.double()
 
 
 def _worker(rank: int, port: int, order: str, bucket_cap_mb: float, res: int, steps: int, out: str) -> None:
@@ -79,8 +54,8 @@ def _worker(rank: int, port: int, order: str, bucket_cap_mb: float, res: int, st
         # Before DDP is built: its constructor picks the python reducer.
         torch._dynamo.config.optimize_ddp = {"optimize_ddp=False": False, "python_reducer": "python_reducer"}.get(order, True)
         model = resnet50("affine")
-        if steps:
-            model = _randomised(model)
+        if steps:  # the affine layers drawn, the same on every rank; float64
+            model = randomize(model, torch.Generator().manual_seed(1)).double()
         eager = DDP(copy.deepcopy(model), bucket_cap_mb=bucket_cap_mb)
         if order == "compile-then-wrap":
             trained = fn = DDP(torch.compile(model, backend="compile_affine", options=OPTIONS), bucket_cap_mb=bucket_cap_mb)
@@ -141,16 +116,16 @@ def measure(order: str, bucket_cap_mb: float, res: int, steps: int = 0) -> dict:
     return {**ranks[0], "err": max(errs) if errs else None}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m compile_affine.bench.ddp_splits", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+def add_args(p) -> None:
     p.add_argument("--bucket-cap-mb", default="25,1",
                    help="DDP's bucket_cap_mb, comma-separated: one row per value and order (25 is DDP's default)")
     p.add_argument("--res", type=int, default=64, help="input px (the split depends on parameters, not on this)")
     p.add_argument("--orders", default=",".join(ORDERS))
     p.add_argument("--steps", type=int, default=3,
                    help="float64 SGD steps compared with eager DDP (0: count the folds only, in fp32)")
-    args = p.parse_args(argv)
+
+
+def main(args, command: str) -> int:
     affines = sum(isinstance(m, Affine2d) for m in resnet50("affine").modules())
     caps = [float(c) for c in args.bucket_cap_mb.split(",")]
     print(f"ResNet-50, {affines} affine layers, 2 gloo ranks, fold='always', {args.res} px"
@@ -164,7 +139,3 @@ def main(argv=None) -> int:
             print(f"| {order} | {cap:g} | {r['graphs']} | {r['sites']} | {r['folded']} | {affines - r['folded']} "
                   f"| {r['why'] or '-'} | {err} |", flush=True)  # fmt: skip
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,21 +5,20 @@ A kernel's class is the set of aten ops it came from (``convolution``, ``mul,sum
 so the kernels that one variant runs and the other does not stand out, e.g. the fine-tuning
 floor against compile_affine on eval-mode BatchNorm:
 
-    python -m compile_affine.bench.traffic_diff --finetune none/inductor bn/compile_affine
+    python -m compile_affine.bench traffic-diff --finetune none/inductor bn/compile_affine
 
-Counts only (bench/traffic.py): deterministic, nothing timed.
+Counts only (core/measure.py): deterministic, nothing timed.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 
 import torch
 
-from .models import resnet50, resnet50_finetune
-from .runner import compiled, configure_compile
-from .traffic import Traffic, count_step
+from ..core.measure import Traffic, count_step
+from ..core.models import resnet50, resnet50_finetune
+from ..core.runner import compiled, configure_compile
 
 MIB = 2**20
 
@@ -43,9 +42,7 @@ def by_class(traffic: Traffic) -> dict[tuple[str, str], tuple[int, int]]:
     return dict(out)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m compile_affine.bench.traffic_diff", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+def add_args(p) -> None:
     p.add_argument("a", help="net/backend, e.g. none/inductor")
     p.add_argument("b", help="net/backend, e.g. bn/compile_affine")
     p.add_argument("--finetune", action="store_true", help="the eval-BN fine-tuning nets (bn, none)")
@@ -53,7 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("--res", type=int, default=160)
     p.add_argument("--min-activation-ratio", type=float, default=None)
     p.add_argument("--top", type=int, default=12, help="kernel classes shown, largest difference first")
-    args = p.parse_args(argv)
+
+
+def main(args, command: str) -> int:
     torch.set_num_threads(2)
     configure_compile()
     settings = {} if args.min_activation_ratio is None else {"min_activation_ratio": args.min_activation_ratio}
@@ -72,7 +71,3 @@ def main(argv=None) -> int:
         (na, ba), (nb, bb) = ca.get(key, (0, 0)), cb.get(key, (0, 0))
         print(f"| {key[0]} | {key[1]} | {na} / {nb} | {ba / MIB:.1f} / {bb / MIB:.1f} | {(bb - ba) / MIB:+.1f} |")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

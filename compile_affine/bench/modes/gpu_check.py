@@ -1,44 +1,27 @@
-"""``python -m compile_affine.bench.gpu_check [--dry-run]`` (``make gpu-check``): what a
-lent GPU machine runs, as one command that fits in 8 minutes with cold caches.
+"""``python -m compile_affine.bench gpu-check [--dry-run]`` (``make gpu-check``): what a
+lent GPU machine runs, as one command that fits in 8 minutes with cold caches; README.md
+("make gpu-check") says what each section measures and what the run leaves.
 
-Sections, most important first; the plan, with estimated seconds, is printed first. Each
-section has a deadline (its share of the budget, at most what is left) and stops itself
-there: no further shape or variant is compiled once the slowest so far would overrun it,
-and timing rounds stop at it; its table then says "partial" and what it left out.
-
-1. blocks: conv -> affine -> relu blocks at ResNet-50 stage shapes (batch 32), from
-   activation-heavy to weight-heavy, stock Inductor against every site folded: where
-   folding starts to pay on this GPU, the number ``settings.TRAFFIC_BREAK_EVEN`` (the
-   default ``objective="time"`` threshold) only derives;
-2. resnet: the seed's ResNet-50 as GPU users train it, bf16 autocast and channels_last,
-   batch 32 at 224 px: affine/inductor, affine/compile_affine, none/inductor, bn/inductor,
-   with a torch.profiler split of one step's device time by kernel class per variant;
-3. finetune: ResNet-50 with every BatchNorm in eval mode (fp32, channels_last: under
-   autocast compile_affine refuses eval-mode batch norms), stock Inductor, compile_affine,
-   Inductor's own efficient_conv_bn_eval, and the no-norm floor;
-4. max-autotune: one block shape under ``mode="max-autotune-no-cudagraphs"`` (Triton
-   conv templates, the affine in their epilogue), stock and ours;
-5. resnet-fp32: the seed's ResNet-50 in fp32, if the budget still allows;
-6. tests: the suite's device-parametrized tests on cuda (``pytest -k cuda``), the fuzzers
-   at a short hypothesis profile.
-
-Variants share one Inductor/Triton cache, so a kernel several variants need compiles
-once (compile times are then not comparable between variants; the CPU benchmark's are).
-Every row carries ``traffic_bytes``, the bytes Inductor counts for the compiled step.
-gpu-check.json and gpu-check.md are rewritten (atomically) after every section, so a run
-killed at its time limit leaves every finished section. Writes gpu-check.json,
-gpu-check.md, gpu-check.png and gpu-check-tests.log into ``$OUT`` if set, else
-``gpu-check-out/``. Step times come from CUDA
-events, medians over interleaved steps; peak memory from torch.cuda.max_memory_allocated.
-Without a CUDA device it says so and exits 0. ``--dry-run`` runs the same sections on
-CPU at tiny sizes; ``make gpu-twin`` (in CI) runs that on the GPU machine's interpreter.
+Sections, most important first, each stopping itself at its deadline (its share of the
+budget; its table then says "partial" and what it left out): blocks (ResNet-50's conv
+shapes, stock against every site folded: where folding starts to pay on this GPU, the
+number ``settings.TRAFFIC_BREAK_EVEN`` only derives), resnet (bf16 autocast,
+channels_last, batch 32 at 224 px, with a torch.profiler split of each variant's step by
+kernel class), finetune (eval-mode BatchNorm, fp32), max-autotune, resnet-fp32 and tests
+(``pytest -k cuda``). Variants share one Inductor/Triton cache (compile times are then
+not comparable between variants). gpu-check.json and gpu-check.md are replaced after
+every section, so a run killed at its time limit leaves every finished section; they,
+gpu-check.png and gpu-check-tests.log go to ``$OUT`` if set, else ``gpu-check-out/``.
+Without a CUDA device it says so and exits 0; ``--dry-run`` runs the same sections on CPU
+at tiny sizes (``make gpu-twin``, in CI, runs that on the GPU machine's interpreter).
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import gc
+import json
 import os
 import pathlib
 import re
@@ -49,12 +32,12 @@ import time
 
 import torch
 
-from .. import settings as ca_settings
-from . import __main__ as bench
-from .gpu_report import markdown, plot, write
-from .kernels import profile_step
-from .models import NORMS, BlockShape, NormEval, resnet50, resnet50_finetune
-from .runner import Runner, Variant, configure_compile, machine
+from compile_affine import settings as ca_settings
+
+from ..core.measure import CLASSES, profile_step
+from ..core.models import NORMS, BlockShape, NormEval, resnet50, resnet50_finetune
+from ..core.output import BASELINE, plot, replaced, row, table
+from ..core.runner import Runner, Variant, configure_compile, machine
 
 # Within a section, variants are compiled in this order until its deadline: the ones that
 # answer the question first (stock against ours on the same net), then the references.
@@ -116,36 +99,27 @@ DRY_PLAN = Plan("cpu", budget_s=3600, resnet_batch=2, resnet_res=16, tiny_resnet
                 estimate_s={"blocks": 15, "resnet": 25, "finetune": 25, "max-autotune": 50, "resnet-fp32": 20, "tests": 60},
                 settings={"min_activation_ratio": 0.0})  # fmt: skip
 SECTIONS = ("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "tests")
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 
 
 class Clock:
     def __init__(self, budget_s: float):
-        self.t0 = time.monotonic()
-        self.budget_s = budget_s
+        self.t0, self.budget_s = time.monotonic(), budget_s
 
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    @property
-    def left(self) -> float:
-        return self.budget_s - self.elapsed
+    elapsed = property(lambda self: time.monotonic() - self.t0)
+    left = property(lambda self: self.budget_s - self.elapsed)
 
     def log(self, msg: str) -> None:
         print(f"[gpu-check +{self.elapsed:5.0f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m compile_affine.bench.gpu_check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+def add_args(p) -> None:
     p.add_argument("--dry-run", action="store_true", help="run every section on CPU at tiny sizes")
     p.add_argument("--out", help="output folder (default: $OUT, else gpu-check-out/)")
     p.add_argument("--budget", type=float, help="seconds for the whole run (sections that no longer fit are skipped)")
     p.add_argument("--only", help=f"comma-separated sections out of {','.join(SECTIONS)}")
     p.add_argument("--ratios", action="store_true",
                    help="print how many of ResNet-50's conv sites (batch 32, 224 px) each device's default declines, and exit")  # fmt: skip
-    return p.parse_args(argv)
 
 
 def conv_ratios(model: torch.nn.Module, x: torch.Tensor) -> list[float]:
@@ -233,14 +207,14 @@ def run_nets(plan: Plan, runner: Runner, deadline: float, finetune: bool = False
     rows = []
     for v in ready:
         row = _row(name, v, ready)
-        if time.monotonic() < deadline:  # _fwd_bwd enters the runner's autocast itself
-            ms = profile_step(lambda: runner._fwd_bwd(v), plan.device)
+        if time.monotonic() < deadline:  # step enters the runner's autocast itself
+            ms = profile_step(lambda: runner.step(v), plan.device)
             row.update({f"{c} ms": t for c, t in ms.items()})
         rows.append(row)
     cut = _cut(plan, variants, ready)
     notes = [cut]
-    if cut and not any(v.name == bench.BASELINE for v in ready):
-        notes.append(f"'x first/none' is against {ready[0].name}: {bench.BASELINE} was not compiled")
+    if cut and not any(v.name == BASELINE for v in ready):
+        notes.append(f"'x first/none' is against {ready[0].name}: {BASELINE} was not compiled")
     if not finetune:
         notes.append("conv sites by the cost rule's defaults: " + declined_by_default(conv_ratios(build("affine"), x)))
     return {"status": "partial" if cut else "ok", "rows": rows, "note": "; ".join(filter(None, notes))}
@@ -286,7 +260,7 @@ def _act_per_weight(shape: BlockShape, dtype: torch.dtype = torch.float32) -> fl
 
 
 def _row(scenario: str, v: Variant, group: list[Variant]) -> dict:
-    return {**bench._row(scenario, v, group), "peak_mib": None if v.peak_mib is None else round(v.peak_mib, 1)}
+    return {**row(scenario, v, group), "peak_mib": None if v.peak_mib is None else round(v.peak_mib, 1)}
 
 
 def _release() -> None:
@@ -310,8 +284,7 @@ def device_facts() -> dict:
 # --- driver -------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(args, command: str) -> int:
     if args.ratios:
         print(f"ResNet-50, batch 32, 224 px: {declined_by_default(conv_ratios(resnet50('affine'), torch.empty(32, 3, 224, 224)))}")
         return 0
@@ -328,7 +301,6 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out or os.environ.get("OUT") or "gpu-check-out")
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(plan.budget_s)
-    command = "python -m compile_affine.bench.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
     clock.log(f"{command}: device {plan.device}, budget {plan.budget_s:.0f} s, output {out}")
     estimates = plan.estimate_s
     clock.log("plan: " + ", ".join(f"{n} ~{estimates[n]} s" for n in SECTIONS if n in only)
@@ -372,7 +344,11 @@ def main(argv=None) -> int:
         # After every section: a run killed at its time limit still leaves what it finished.
         result = write(out, command, plan.device, plan.budget_s, clock.elapsed, facts, sections)
     result = write(out, command, plan.device, plan.budget_s, clock.elapsed, facts, sections)
-    plot(result, out / "gpu-check.png")
+    bars = [r for s in sections.values() for r in s.get("rows", [])
+            if r.get("ratio_vs_stock_same_net") is not None and "compile_affine" in r.get("variant", "")]  # fmt: skip
+    with contextlib.suppress(ImportError):  # the plot is a convenience; the JSON and markdown carry the numbers
+        plot(bars, "ratio_vs_stock_same_net", "step time / stock Inductor, same net", out / "gpu-check.png",
+             title=f"{plan.device}: {facts.get('cuda') or 'CPU'}")  # fmt: skip
     print(markdown(result))
     # The dry run proves every section works: anything short of ok fails it. On the GPU
     # a skipped or partial section is budget.
@@ -382,5 +358,41 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+# --- report -------------------------------------------------------------------------
+
+COLUMNS = [("scenario", "scenario"), ("variant", "variant"), ("step_ms", "step ms"), ("fwd_ms", "fwd ms"),
+           ("bwd_ms", "bwd ms"), ("ratio", "x first/none"), ("ratio_vs_stock_same_net", "x stock same net"),
+           ("saved_mib", "saved MiB"), ("peak_mib", "step peak MiB"), ("compile_s", "compile s"),
+           ("traffic_mib", "moved MiB"), ("traffic_ratio", "moved x first/none"), ("pass_s", "pass s"),
+           ("folds", "folds"), ("act_per_weight", "act/weight bytes"), ("auto_would_fold", "default folds"),
+           *((f"{c} ms", f"{c} ms") for c in CLASSES)]  # fmt: skip
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# gpu-check: {m.get('cuda') or m['cpu']}", "",
+             f"`{result['command']}`: torch {m['torch']}, device {result['device']}, "
+             f"{result['wall_s']:.0f} s in all, budget {result['budget_s']:.0f} s.", "",
+             "Step times are medians of interleaved training steps; `x stock same net` is the "
+             "step time over stock Inductor's on the same net. `default folds`: whether the "
+             f"cost rule's default (objective=\"time\", {result['thresholds']['time']}) folds that shape.",
+             ""]  # fmt: skip
+    for name, sec in result["sections"].items():
+        lines += [f"## {name}: {sec['status']} ({sec.get('seconds', 0):.0f} s)", ""]
+        if sec.get("note"):
+            lines += [sec["note"], ""]
+        if sec.get("rows"):
+            lines += [table(sec["rows"], COLUMNS, extra=True), ""]
+    return "\n".join(lines)
+
+
+def write(out: pathlib.Path, command: str, device: str, budget_s: float, wall_s: float, facts: dict,
+          sections: dict) -> dict:  # fmt: skip
+    """gpu-check.json and gpu-check.md as they stand, each replaced whole."""
+    result = {"command": command, "device": device, "budget_s": budget_s, "wall_s": round(wall_s, 1),
+              "machine": facts, "thresholds": dict(ca_settings.OBJECTIVE_MIN_ACTIVATION_RATIO),
+              "sections": dict(sections)}  # fmt: skip
+    for name, text in (("gpu-check.json", json.dumps(result, indent=2, default=str)), ("gpu-check.md", markdown(result))):
+        with replaced(out / name) as tmp:
+            tmp.write_text(text)
+    return result

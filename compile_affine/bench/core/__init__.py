@@ -1,0 +1,1 @@
+"""The benchmark's core: models, compiling and timing variants, measurements, output."""

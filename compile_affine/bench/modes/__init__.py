@@ -1,0 +1,1 @@
+"""The benchmark's modes (a few share a module): ``python -m compile_affine.bench MODE``."""
