@@ -28,10 +28,6 @@ class Saved:
     bytes: int
     shapes: list[tuple[int, ...]]
 
-    @property
-    def mib(self) -> float:
-        return self.bytes / 2**20
-
 
 def saved_for_backward(forward: Callable[[], torch.Tensor]) -> Saved:
     """Run ``forward`` and total the unique storages autograd saves (views share one)."""
@@ -45,8 +41,7 @@ def saved_for_backward(forward: Callable[[], torch.Tensor]) -> Saved:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
+        forward()
     return Saved(bytes=sum(storages.values()), shapes=shapes)
 
 
@@ -71,13 +66,7 @@ class Traffic:
     graphs: list[GraphTraffic] = dataclasses.field(default_factory=list)
     """In compile order: for a training step, forward then backward per compiled region."""
 
-    @property
-    def bytes(self) -> int:
-        return sum(g.bytes for g in self.graphs)
-
-    @property
-    def mib(self) -> float:
-        return self.bytes / 2**20
+    bytes = property(lambda self: sum(g.bytes for g in self.graphs))
 
 
 def _metrics_logger() -> logging.Logger:
