@@ -1,14 +1,11 @@
-"""fp32 gradient error against float64 on torchvision's ResNet-18 FPN backbone with
-random FrozenBatchNorm2d statistics, over many draws (docs/design.md, "Numerics").
+"""fp32 gradient error against float64 on torchvision's ResNet-18 FPN backbone with random
+FrozenBatchNorm2d statistics, over many draws (docs/design.md, "Numerics": why one draw cannot
+tell one backend from another). Each backend compiles once; every draw then loads new weights,
+FrozenBN statistics and input (values only: no recompile), runs one backward of the sum of the FPN
+outputs and prints, per backend, ``|g - g64| / |g64|`` of ``body.conv1.weight``, the worst layer1
+gradient, the worst gradient overall and the worst output.
 
     python -m compile_affine.bench fpn-draws --batch 4 --res 160 --draws 12 --backends stock,ours
-
-Each backend compiles once; every draw then loads new weights, FrozenBN statistics and
-input (values only: no recompile), runs one backward of the sum of the FPN outputs and
-prints, per backend, the relative error ``|g - g64| / |g64|`` of ``body.conv1.weight``,
-the worst layer1 gradient, the worst gradient overall and the worst output. One ReLU or
-max-pool decision that fp32 and float64 take differently moves the upstream gradients
-by 1e-4 to 1e-3; a single draw cannot tell one backend from another.
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
-"""``python -m compile_affine.bench gpu-check [--dry-run]`` (``make gpu-check``): what a
-lent GPU machine runs, as one command that fits in 8 minutes with cold caches; README.md
-("make gpu-check") says what each section measures and what the run leaves.
-
-Sections, most important first, each stopping itself at its deadline (its share of the
-budget; its table then says "partial" and what it left out): blocks (ResNet-50's conv
-shapes, stock against every site folded: where folding starts to pay on this GPU, the
-number ``settings.TRAFFIC_BREAK_EVEN`` only derives), resnet (bf16 autocast,
-channels_last, batch 32 at 224 px, with a torch.profiler split of each variant's step by
-kernel class), finetune (eval-mode BatchNorm, fp32), max-autotune, resnet-fp32 and tests
-(``pytest -k cuda``). Variants share one Inductor/Triton cache (compile times are then
-not comparable between variants). gpu-check.json and gpu-check.md are replaced after
-every section, so a run killed at its time limit leaves every finished section; they,
-gpu-check.png and gpu-check-tests.log go to ``$OUT`` if set, else ``gpu-check-out/``.
-Without a CUDA device it says so and exits 0; ``--dry-run`` runs the same sections on CPU
-at tiny sizes (``make gpu-twin``, in CI, runs that on the GPU machine's interpreter).
+"""``python -m compile_affine.bench gpu-check [--dry-run]`` (``make gpu-check``): what a lent GPU
+machine runs, as one command that fits in 8 minutes with cold caches. README.md ("GPU check and
+tested torch versions") says what each section measures, how its deadline cuts it and what the run
+leaves (in ``$OUT`` if set, else ``gpu-check-out/``). Without a CUDA device it says so and exits 0;
+``--dry-run`` runs the same sections on CPU at tiny sizes (``make gpu-twin``, in CI).
 """
 
 from __future__ import annotations
@@ -302,9 +291,9 @@ def main(args, command: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(plan.budget_s)
     clock.log(f"{command}: device {plan.device}, budget {plan.budget_s:.0f} s, output {out}")
-    estimates = plan.estimate_s
-    clock.log("plan: " + ", ".join(f"{n} ~{estimates[n]} s" for n in SECTIONS if n in only)
-              + f" (about {sum(estimates[n] for n in SECTIONS if n in only)} s in all; each section stops at its"
+    chosen = [n for n in SECTIONS if n in only]
+    clock.log("plan: " + ", ".join(f"{n} ~{plan.estimate_s[n]} s" for n in chosen)
+              + f" (about {sum(plan.estimate_s[n] for n in chosen)} s in all; each section stops at its"
               f" deadline, and those the budget no longer reaches are skipped)")  # fmt: skip
     configure_compile()
     fp32 = Runner(plan.device, torch.float32, settings=plan.settings, fresh_caches=False)
@@ -323,15 +312,12 @@ def main(args, command: str) -> int:
     }
     sections: dict[str, dict] = {}
     facts = device_facts()
-    for name in SECTIONS:
-        if name not in only:
-            continue
-        need = plan.start_s[name]
+    for name in chosen:
+        need, share = plan.start_s[name], min(plan.share_s[name], clock.left)
         if clock.left < need:
             sections[name] = {"status": "skipped", "note": f"{clock.left:.0f} s of the budget left, needs about {need} s"}
             clock.log(f"{name}: skipped ({sections[name]['note']})")
             continue
-        share = min(plan.share_s[name], clock.left)
         clock.log(f"{name}: start (deadline in {share:.0f} s)")
         start = time.monotonic()
         try:
@@ -342,7 +328,7 @@ def main(args, command: str) -> int:
         clock.log(f"{name}: {sections[name]['status']} in {sections[name]['seconds']:.0f} s")
         _release()
         # After every section: a run killed at its time limit still leaves what it finished.
-        result = write(out, command, plan.device, plan.budget_s, clock.elapsed, facts, sections)
+        write(out, command, plan.device, plan.budget_s, clock.elapsed, facts, sections)
     result = write(out, command, plan.device, plan.budget_s, clock.elapsed, facts, sections)
     bars = [r for s in sections.values() for r in s.get("rows", [])
             if r.get("ratio_vs_stock_same_net") is not None and "compile_affine" in r.get("variant", "")]  # fmt: skip
