@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     configure_compile()
-    settings = {} if args.min_activation_ratio is None else {"min_activation_ratio": args.min_activation_ratio}
-    if args.objective:
-        settings["objective"] = args.objective
+    settings = {k: getattr(args, k) for k in ("min_activation_ratio", "objective") if getattr(args, k) is not None}
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if ddp:
         args.device = init_distributed(args.device)
@@ -100,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and info["rank"] == 0:
         plot(rows, "ratio", "training step time / none+inductor", args.plot)
     if ddp:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -370,11 +370,8 @@ ZOO_BY_NAME = {m.name: m for m in ZOO}
 
 
 def select_zoo(spec: str | None) -> list[ZooModel]:
-    if not spec:
-        return [m for m in ZOO if m.default]
-    if spec == "all":
-        return list(ZOO)
-    unknown = [n for n in spec.split(",") if n not in ZOO_BY_NAME]
-    if unknown:
+    """``--models``: comma-separated names, "all", or (unset) those marked ``default``."""
+    names = [m.name for m in ZOO if spec or m.default] if not spec or spec == "all" else spec.split(",")
+    if unknown := [n for n in names if n not in ZOO_BY_NAME]:
         raise SystemExit(f"unknown zoo model {unknown[0]!r}; choose from {', '.join(ZOO_BY_NAME)} or 'all'")
-    return [ZOO_BY_NAME[n] for n in spec.split(",")]
+    return [ZOO_BY_NAME[n] for n in names]
