@@ -2,12 +2,11 @@
 backward; the bytes one compiled step moves; where a step spends its device time by
 kernel class; a compiled model's outputs and gradients against a reference.
 
-Bytes moved: the affine's cost is memory traffic, not FLOPs, and Inductor counts the bytes
-each scheduler node (a fused kernel, or an extern call such as a convolution) reads and
-writes, ``GraphLowering.count_bytes()``, for every graph it compiles while the
-``inductor_metrics`` log artifact is at INFO. A static function of the post-grad graph:
-the same on a loaded machine. Only a compile counts, so ``counting()`` turns the FX graph
-and AOTAutograd caches off and gives Inductor a fresh cache directory."""
+Bytes moved (docs/benchmarks.md, "Traffic", says why they matter): Inductor's
+``GraphLowering.count_bytes()`` for every graph it compiles, which it logs while the
+``inductor_metrics`` log artifact is at INFO; a static function of the post-grad graph,
+the same on a loaded machine. Only a compile counts, so ``counting()`` turns the FX
+graph and AOTAutograd caches off and gives Inductor a fresh cache directory."""
 
 from __future__ import annotations
 
@@ -114,10 +113,8 @@ def counting(kernels: bool = False) -> Iterator[Traffic]:
     """
     from torch._inductor.utils import fresh_cache
 
-    traffic = Traffic()
-    log = _metrics_logger()
-    handler = _Collect(traffic, kernels)
-    level, propagate = log.level, log.propagate
+    traffic, log = Traffic(), _metrics_logger()
+    handler, level, propagate = _Collect(traffic, kernels), log.level, log.propagate
     log.setLevel(logging.INFO)
     log.propagate = False
     log.addHandler(handler)
@@ -190,16 +187,14 @@ def profile_step(step: Callable[[], object], device: str) -> dict[str, float]:
 def outputs_and_grads(fn: Callable, model: torch.nn.Module, x: torch.Tensor, g: torch.Tensor | None) -> list:
     """The output, then every trainable parameter's gradient for output gradient ``g``
     (``g is None``: inference, the output alone)."""
-    for p in model.parameters():
-        p.grad = None
+    model.zero_grad(set_to_none=True)
     if g is None:
         with torch.inference_mode():
             return [fn(x).detach()]
     out = fn(x)
     out.backward(g)
     res = [out.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
-    for p in model.parameters():
-        p.grad = None
+    model.zero_grad(set_to_none=True)
     return res
 
 

@@ -259,9 +259,7 @@ class ZooModel:
         kwargs = dict(self.tiny if tiny else self.kwargs)
         if self.sized:
             kwargs["img_size"] = self.tiny_size if tiny else (size or self.size)
-        model = self.make(**kwargs)
-        randomize(model)
-        return model
+        return randomize(self.make(**kwargs))
 
 
 def _timm(arch: str) -> Callable[..., nn.Module]:

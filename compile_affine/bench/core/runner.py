@@ -168,8 +168,7 @@ class Runner:
                 v.opt.step()
         marks[2].record()
         marks[2].synchronize()
-        for p in v.model.parameters():
-            p.grad = None
+        v.model.zero_grad(set_to_none=True)
         return marks[0].elapsed_time(marks[1]), 0.0 if self.inference else marks[1].elapsed_time(marks[2])
 
     def prepare(self, v: Variant, warmup: int, measure: bool = True) -> None:

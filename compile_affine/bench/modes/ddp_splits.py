@@ -65,11 +65,10 @@ def _worker(rank: int, port: int, order: str, bucket_cap_mb: float, res: int, st
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, trained)]
         before = [p.detach().clone() for p in eager.parameters()]
+        runs = ((train_step, fn, opts[1]), (step, eager, opts[0]))[: 2 if steps else 1]  # 0 steps: no eager run
         for _ in range(max(steps, 1)):
             x = torch.randn(2, 3, res, res, generator=gen, dtype=dtype)
-            for i, (run, f, opt) in enumerate(((train_step, fn, opts[1]), (step, eager, opts[0]))):
-                if i and not steps:
-                    break  # counting only: no eager run
+            for run, f, opt in runs:
                 opt.zero_grad()
                 run(f, x)
                 opt.step()

@@ -18,10 +18,9 @@ import torch
 from ..core.models import randomize as randomize_model
 
 BACKENDS = {
-    "stock": dict(backend="inductor"),
-    "auto": dict(backend="compile_affine"),
+    "stock": dict(backend="inductor"), "auto": dict(backend="compile_affine"),
     "ours": dict(backend="compile_affine", options={"compile_affine": {"fold": "always", "strict": True}}),
-}
+}  # fmt: skip
 
 
 def randomize(model: torch.nn.Module, seed: int, batch: int, res: int, conv_bias: float = 0.0) -> torch.Tensor:
@@ -33,8 +32,7 @@ def randomize(model: torch.nn.Module, seed: int, batch: int, res: int, conv_bias
 
 
 def _step(model, fn, x):
-    for p in model.parameters():
-        p.grad = None
+    model.zero_grad(set_to_none=True)
     out = fn(x)
     sum(o.sum() for o in out.values()).backward()
     grads = {n: p.grad.detach().double() for n, p in model.named_parameters()}

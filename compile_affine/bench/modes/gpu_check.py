@@ -38,14 +38,8 @@ AUTOTUNE_VARIANTS = (("affine", "inductor"), ("affine", "inductor-max-autotune")
 # ResNet-50's conv shapes at batch 32, 224 px (as c -> c blocks), by conv output
 # elements per weight element: 174, 21.8, 6.1, 2.7, 1.5, 0.34. The CPU matrix
 # (models.BLOCK_SHAPES, batch 8) is launch-bound on a GPU.
-GPU_BLOCKS = [
-    BlockShape("3x3 c64 @56 b32", 64, 56, 3, 32),
-    BlockShape("3x3 c128 @28 b32", 128, 28, 3, 32),
-    BlockShape("1x1 c1024 @14 b32", 1024, 14, 1, 32),
-    BlockShape("3x3 c256 @14 b32", 256, 14, 3, 32),
-    BlockShape("1x1 c1024 @7 b32", 1024, 7, 1, 32),
-    BlockShape("3x3 c512 @7 b32", 512, 7, 3, 32),
-]
+GPU_BLOCKS = [BlockShape(f"{k}x{k} c{c} @{s} b32", c, s, k, 32)
+              for k, c, s in ((3, 64, 56), (3, 128, 28), (1, 1024, 14), (3, 256, 14), (1, 1024, 7), (3, 512, 7))]  # fmt: skip
 TINY_BLOCKS = [BlockShape("3x3 c8 @16 b2", 8, 16, 3, 2, depth=1)]
 
 
