@@ -37,11 +37,8 @@ class Scale2d(nn.Module):
 
 
 NORMS: dict[str, Callable[[int], nn.Module]] = {
-    "none": lambda c: nn.Identity(),
-    "bn": nn.BatchNorm2d,
-    "affine": Affine2d,
-    "scale": Scale2d,
-}
+    "none": lambda c: nn.Identity(), "bn": nn.BatchNorm2d, "affine": Affine2d, "scale": Scale2d
+}  # fmt: skip
 
 
 def resnet50(norm: str, num_classes: int = 1000) -> nn.Module:
@@ -77,9 +74,8 @@ def resnet50_finetune(norm: str, num_classes: int = 1000) -> nn.Module:
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 0.1, generator=gen)
-                m.running_var.uniform_(0.5, 1.5, generator=gen)
+            m.running_mean.normal_(0, 0.1, generator=gen)
+            m.running_var.uniform_(0.5, 1.5, generator=gen)
     return NormEval(model).train()
 
 

@@ -34,6 +34,7 @@ RESNET_VARIANTS = (("affine", "inductor"), ("affine", "compile_affine"), ("none"
 FINETUNE_VARIANTS = (("bn", "inductor"), ("bn", "compile_affine"), ("bn", "inductor-conv_bn_eval"), ("none", "inductor"))
 BLOCK_VARIANTS = (("affine", "inductor"), ("affine", "compile_affine-always"))
 AUTOTUNE_VARIANTS = (("affine", "inductor"), ("affine", "inductor-max-autotune"), ("affine", "compile_affine-max-autotune"))
+SECTIONS = ("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "tests")
 
 # ResNet-50's conv shapes at batch 32, 224 px (as c -> c blocks), by conv output
 # elements per weight element: 174, 21.8, 6.1, 2.7, 1.5, 0.34. The CPU matrix
@@ -76,12 +77,9 @@ GPU_PLAN = Plan("cuda", budget_s=450, resnet_batch=32, resnet_res=224, tiny_resn
                 estimate_s={"blocks": 90, "resnet": 200, "finetune": 200, "max-autotune": 60, "resnet-fp32": 150, "tests": 100})  # fmt: skip
 # Every section runs to its end, whatever the time: the dry run exists to prove each works.
 DRY_PLAN = Plan("cpu", budget_s=3600, resnet_batch=2, resnet_res=16, tiny_resnet=True, steps=2, warmup=0,
-                blocks=TINY_BLOCKS, autotune=TINY_BLOCKS,
-                share_s=dict.fromkeys(("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "tests"), 3600),
-                start_s=dict.fromkeys(("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "tests"), 0),
+                blocks=TINY_BLOCKS, autotune=TINY_BLOCKS, settings={"min_activation_ratio": 0.0},
                 estimate_s={"blocks": 15, "resnet": 25, "finetune": 25, "max-autotune": 50, "resnet-fp32": 20, "tests": 60},
-                settings={"min_activation_ratio": 0.0})  # fmt: skip
-SECTIONS = ("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "tests")
+                share_s=dict.fromkeys(SECTIONS, 3600), start_s=dict.fromkeys(SECTIONS, 0))  # fmt: skip
 REPO = pathlib.Path(__file__).resolve().parents[3]
 
 
@@ -148,14 +146,12 @@ def run_tests(plan: Plan, clock: Clock, out: pathlib.Path) -> dict:
     if rc is None:
         return {"status": "timeout", "note": f"stopped after {cap:.0f} s; so far: {summary}"}
     # 5: pytest selected no test (a checkout whose tests have no cuda variants).
-    status = "ok" if rc in (0, 5) else "failed"
-    return {"status": status, "note": "no test selected" if rc == 5 else summary, "rc": rc}
+    return {"status": "ok" if rc in (0, 5) else "failed", "note": "no test selected" if rc == 5 else summary, "rc": rc}
 
 
 def _pytest_summary(text: str) -> str:
     """pytest's last line, or, for a run cut off before it, the per-test outcomes so far."""
-    final = re.findall(r"^=+ (.*\d+ (?:passed|failed|skipped|deselected|errors?).*?) =+$", text, re.M)
-    if final:
+    if final := re.findall(r"^=+ (.*\d+ (?:passed|failed|skipped|deselected|errors?).*?) =+$", text, re.M):
         return final[-1]
     outcomes = re.findall(r" (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", text)
     return ", ".join(f"{outcomes.count(o)} {o.lower()}" for o in dict.fromkeys(outcomes)) or "no test finished"
@@ -187,13 +183,10 @@ def run_nets(plan: Plan, runner: Runner, deadline: float, finetune: bool = False
     x = torch.randn(plan.resnet_batch, 3, plan.resnet_res, plan.resnet_res)
     variants = [Variant(net, backend, build(net), x) for net, backend in pairs]
     ready = runner.run(variants, plan.steps, plan.warmup, deadline)
-    rows = []
-    for v in ready:
-        row = _row(name, v, ready)
+    rows = [_row(name, v, ready) for v in ready]
+    for r, v in zip(rows, ready):
         if time.monotonic() < deadline:  # step enters the runner's autocast itself
-            ms = profile_step(lambda: runner.step(v), plan.device)
-            row.update({f"{c} ms": t for c, t in ms.items()})
-        rows.append(row)
+            r.update({f"{c} ms": t for c, t in profile_step(lambda: runner.step(v), plan.device).items()})
     cut = _cut(plan, variants, ready)
     notes = [cut]
     if cut and not any(v.name == BASELINE for v in ready):
@@ -213,8 +206,7 @@ def _cut(plan: Plan, variants: list[Variant], ready: list[Variant]) -> str | Non
 
 
 def run_blocks(plan: Plan, runner: Runner, deadline: float, shapes: list, pairs=BLOCK_VARIANTS) -> dict:
-    rows, notes = [], []
-    slowest = 0.0
+    rows, notes, slowest = [], [], 0.0
     for i, shape in enumerate(shapes):
         if rows and time.monotonic() + slowest > deadline:
             notes.append(f"deadline: {len(shapes) - i} of {len(shapes)} shapes left out")
@@ -353,10 +345,9 @@ def markdown(result: dict) -> str:
     lines = [f"# gpu-check: {m.get('cuda') or m['cpu']}", "",
              f"`{result['command']}`: torch {m['torch']}, device {result['device']}, "
              f"{result['wall_s']:.0f} s in all, budget {result['budget_s']:.0f} s.", "",
-             "Step times are medians of interleaved training steps; `x stock same net` is the "
-             "step time over stock Inductor's on the same net. `default folds`: whether the "
-             f"cost rule's default (objective=\"time\", {result['thresholds']['time']}) folds that shape.",
-             ""]  # fmt: skip
+             "Step times are medians of interleaved training steps; `x stock same net` is the step time over "
+             "stock Inductor's on the same net. `default folds`: whether the cost rule's default "
+             f"(objective=\"time\", {result['thresholds']['time']}) folds that shape.", ""]  # fmt: skip
     for name, sec in result["sections"].items():
         lines += [f"## {name}: {sec['status']} ({sec.get('seconds', 0):.0f} s)", ""]
         if sec.get("note"):

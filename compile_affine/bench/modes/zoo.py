@@ -84,14 +84,10 @@ def run_one(m: ZooModel, args, runner: Runner) -> dict:
 def _sites(report) -> dict:
     sites = report.sites
     refused = Counter(s.reason for s in sites if not s.folded and not s.declined_by_cost)
-    return {
-        "sites": len(sites),
-        "folded": sum(s.folded for s in sites),
-        "declined": sum(s.declined_by_cost for s in sites),
-        "refused": sum(refused.values()),
-        "refused_reasons": dict(refused.most_common()),
-        "site_records": [dataclasses.asdict(s) for s in sites],
-    }
+    return {"sites": len(sites), "folded": sum(s.folded for s in sites),
+            "declined": sum(s.declined_by_cost for s in sites), "refused": sum(refused.values()),
+            "refused_reasons": dict(refused.most_common()),
+            "site_records": [dataclasses.asdict(s) for s in sites]}  # fmt: skip
 
 
 def float64_check(base: torch.nn.Module, x: torch.Tensor, g: torch.Tensor | None) -> dict:
