@@ -197,12 +197,10 @@ class Runner:
             self.step(v)
             v.compile_s = time.perf_counter() - t0
         v.traffic_bytes = traffic.bytes if v.backend != "eager" else None
-        report = compile_affine.report()
+        report, v.folds = compile_affine.report(), "-"
         if v.backend.startswith("compile_affine"):
             v.folds = f"{report.folded}/{len(report.sites)}"
             v.pass_s = sum(g.pass_s for g in report.graphs)
-        else:
-            v.folds = "-"
         if report.epilogues:
             v.folds += f" +{report.fused_epilogues}/{len(report.epilogues)} epi"
         if not measure:
@@ -253,8 +251,7 @@ class Runner:
             if deadline is not None and i and time.monotonic() > deadline:
                 progress(f"deadline: {i} of {steps} rounds timed")
                 break
-            order = ready[i % len(ready):] + ready[: i % len(ready)]
-            for v in order:
+            for v in ready[i % len(ready):] + ready[: i % len(ready)]:  # the order rotates each round
                 f, b = self.step(v)
                 v.fwd_ms.append(f)
                 v.bwd_ms.append(b)

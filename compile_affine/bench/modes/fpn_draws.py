@@ -56,11 +56,8 @@ def main(args, command: str) -> int:
 
     torch.manual_seed(0)
     base = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=5)
-    models, fns = {"eager": copy.deepcopy(base)}, {}
-    fns["eager"] = models["eager"]
-    for name in args.backends.split(","):
-        models[name] = copy.deepcopy(base)
-        fns[name] = torch.compile(models[name], **BACKENDS[name])
+    models = {name: copy.deepcopy(base) for name in ["eager", *args.backends.split(",")]}
+    fns = {name: m if name == "eager" else torch.compile(m, **BACKENDS[name]) for name, m in models.items()}
     reference = copy.deepcopy(base).double()
     print("draw", *[f"{k}:conv1 {k}:layer1 {k}:worst {k}:forward" for k in fns])
     for draw in range(args.draws):

@@ -75,8 +75,7 @@ def main(args, command: str) -> int:
     print("|---|---|---|---|---|")
     for name in args.models.split(","):
         runs = [measure(name) for _ in range(args.repeat)]
-        nodes, sites = runs[0][0], runs[0][2]
-        secs = [r[1] for r in runs]
+        (nodes, _, sites), secs = runs[0], [r[1] for r in runs]
         per_node = min(secs) / nodes * 1e6
         print(f"| {name} | {nodes} | {sites} | {' / '.join(f'{s:.3f}' for s in secs)} | {per_node:.1f} |", flush=True)
     return 0

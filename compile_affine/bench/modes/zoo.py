@@ -93,8 +93,7 @@ def _sites(report) -> dict:
 def float64_check(base: torch.nn.Module, x: torch.Tensor, g: torch.Tensor | None) -> dict:
     """The pass in float64 on the same model, executed as FX, against float64 eager.
     ``fold="always"``: every legal site is rewritten, the ones the cost rule declines too."""
-    model = copy.deepcopy(base).double()
-    eager = copy.deepcopy(base).double()
+    model, eager = copy.deepcopy(base).double(), copy.deepcopy(base).double()
     gd = None if g is None else g.double()
     compile_affine.reset()
     fn = torch.compile(model, backend=fx_backend(compile_affine.Settings(fold="always", strict=True)))
