@@ -80,11 +80,8 @@ def _kind(node) -> str:
 
 
 def _ops(node) -> str:
-    targets = set()
-    for n in node.get_nodes():
-        for origin in getattr(getattr(n, "node", None), "origins", ()) or ():
-            if origin.op == "call_function":
-                targets.add(getattr(origin.target, "__name__", str(origin.target)).split(".")[0])
+    origins = [o for n in node.get_nodes() for o in getattr(getattr(n, "node", None), "origins", ()) or ()]
+    targets = {getattr(o.target, "__name__", str(o.target)).split(".")[0] for o in origins if o.op == "call_function"}
     return ",".join(sorted(targets))
 
 

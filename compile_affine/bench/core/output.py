@@ -21,8 +21,9 @@ COLUMNS = [
 JSON_ONLY = {"traffic_bytes"}
 
 
-def row(scenario: str, v: Variant, group: list[Variant]) -> dict:
-    """``v``'s measurements, its ratios against ``BASELINE`` and stock Inductor on the same net."""
+def row(scenario: str, v: Variant, group: list[Variant], peak: bool = False) -> dict:
+    """``v``'s measurements, its ratios against ``BASELINE`` and stock Inductor on the same net;
+    ``peak`` (gpu-check): the step's peak memory too."""
     base = next((b for b in group if b.name == BASELINE), group[0])
     stock_same_net = next((b for b in group if b.net == v.net and b.backend == "inductor"), None)
     timed = bool(v.fwd_ms)  # traffic mode times nothing
@@ -36,6 +37,7 @@ def row(scenario: str, v: Variant, group: list[Variant]) -> dict:
         "traffic_ratio": ratio(v.traffic_bytes, base.traffic_bytes),
         "saved_mib": round(v.saved_mib, 1) if timed else None, "compile_s": round(v.compile_s, 1) if timed else None,
         "pass_s": None if v.pass_s is None else round(v.pass_s, 2), "folds": v.folds,
+        **({"peak_mib": None if v.peak_mib is None else round(v.peak_mib, 1)} if peak else {}),
     }  # fmt: skip
 
 

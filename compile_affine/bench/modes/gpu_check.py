@@ -183,7 +183,7 @@ def run_nets(plan: Plan, runner: Runner, deadline: float, finetune: bool = False
     x = torch.randn(plan.resnet_batch, 3, plan.resnet_res, plan.resnet_res)
     variants = [Variant(net, backend, build(net), x) for net, backend in pairs]
     ready = runner.run(variants, plan.steps, plan.warmup, deadline)
-    rows = [_row(name, v, ready) for v in ready]
+    rows = [row(name, v, ready, peak=True) for v in ready]
     for r, v in zip(rows, ready):
         if time.monotonic() < deadline:  # step enters the runner's autocast itself
             r.update({f"{c} ms": t for c, t in profile_step(lambda: runner.step(v), plan.device).items()})
@@ -216,7 +216,7 @@ def run_blocks(plan: Plan, runner: Runner, deadline: float, shapes: list, pairs=
         ready = runner.run(variants, plan.steps, plan.warmup, deadline)
         ratio = _act_per_weight(shape, runner.dtype)
         for v in ready:
-            rows.append({**_row(shape.name, v, ready), "act_per_weight": round(ratio, 2),
+            rows.append({**row(shape.name, v, ready, peak=True), "act_per_weight": round(ratio, 2),
                          "auto_would_fold": ratio >= ca_settings.Settings().activation_ratio})  # fmt: skip
         if cut := _cut(plan, variants, ready):
             notes.append(f"{shape.name}: {cut}")
@@ -232,10 +232,6 @@ def _act_per_weight(shape: BlockShape, dtype: torch.dtype = torch.float32) -> fl
     activation = shape.batch * shape.channels * shape.size**2 * dtype.itemsize
     weight = shape.channels * (1 if shape.depthwise else shape.channels) * shape.kernel**2 * 4
     return activation / weight
-
-
-def _row(scenario: str, v: Variant, group: list[Variant]) -> dict:
-    return {**row(scenario, v, group), "peak_mib": None if v.peak_mib is None else round(v.peak_mib, 1)}
 
 
 def _release() -> None:
