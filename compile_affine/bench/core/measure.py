@@ -173,9 +173,7 @@ def profile_step(step: Callable[[], object], device: str) -> dict[str, float]:
         if cuda:
             torch.cuda.synchronize()
     totals: Counter[str] = Counter({c: 0.0 for c in CLASSES})
-    for event in prof.key_averages():
-        if event.device_type != kind:
-            continue
+    for event in (e for e in prof.key_averages() if e.device_type == kind):
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
         totals[kernel_class(event.key)] += us / 1e3
     return {c: round(totals[c], 2) for c in CLASSES}

@@ -68,9 +68,8 @@ def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
         return torch.compile(model, options={"efficient_conv_bn_eval_fx_passes": True})
     if backend.startswith("inductor"):
         return torch.compile(model, mode=mode)
-    fold = "always" if backend.endswith("-always") else "auto"
-    epilogue = "auto" if backend.endswith("-epilogue") else "off"
-    ours = {"compile_affine": {**settings, "fold": fold, "epilogue": epilogue}}
+    ours = {"compile_affine": {**settings, "fold": "always" if backend.endswith("-always") else "auto",
+                               "epilogue": "auto" if backend.endswith("-epilogue") else "off"}}  # fmt: skip
     if backend.endswith("-memory"):
         ours["compile_affine"]["objective"] = "memory"
     if mode:  # torch.compile refuses mode= with options=; the backend takes both
@@ -81,9 +80,8 @@ def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
 def parse_variants(spec: str | None, default: tuple[str, ...]) -> list[tuple[str, str]]:
     """``--variants none/inductor,affine/compile_affine`` (else ``default``) as (net, backend) pairs."""
     pairs = [tuple(v.split("/")) for v in (spec.split(",") if spec else default)]
-    for net, backend in pairs:
-        if backend not in BACKENDS:
-            raise SystemExit(f"unknown backend {backend!r} in --variants; choose from {BACKENDS}")
+    if unknown := [backend for _, backend in pairs if backend not in BACKENDS]:
+        raise SystemExit(f"unknown backend {unknown[0]!r} in --variants; choose from {BACKENDS}")
     return pairs
 
 

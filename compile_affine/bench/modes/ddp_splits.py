@@ -99,8 +99,7 @@ def measure(order: str, bucket_cap_mb: float, res: int, steps: int = 0) -> dict:
         ranks = [json.load(open(os.path.join(out, f"{r}.json"))) for r in range(WORLD)]
     # Same model, same buckets: the same split on every rank (the errors may differ).
     assert [{**r, "err": None} for r in ranks][0] == {**ranks[1], "err": None}, ranks
-    errs = [r["err"] for r in ranks if r["err"] is not None]
-    return {**ranks[0], "err": max(errs) if errs else None}
+    return {**ranks[0], "err": max((r["err"] for r in ranks if r["err"] is not None), default=None)}
 
 
 def add_args(p) -> None:
