@@ -66,6 +66,7 @@ class Traffic:
     """In compile order: for a training step, forward then backward per compiled region."""
 
     bytes = property(lambda self: sum(g.bytes for g in self.graphs))
+    mib = property(lambda self: self.bytes / 2**20)
 
 
 def _metrics_logger() -> logging.Logger:

@@ -141,8 +141,8 @@ class Runner:
         """False: variants share Inductor's and Triton's caches, so a kernel two variants
         both need compiles once (the GPU check's cold-compile budget); compile times are
         then not comparable between variants."""
-        self.device, self.dtype, self.inference, self.settings = torch.device(device), dtype, inference, settings or {}
-        self.ddp = ddp
+        self.device, self.dtype, self.inference = torch.device(device), dtype, inference
+        self.settings, self.ddp = settings or {}, ddp
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -195,10 +195,12 @@ class Runner:
             self.step(v)
             v.compile_s = time.perf_counter() - t0
         v.traffic_bytes = traffic.bytes if v.backend != "eager" else None
-        report, v.folds = compile_affine.report(), "-"
+        report = compile_affine.report()
         if v.backend.startswith("compile_affine"):
             v.folds = f"{report.folded}/{len(report.sites)}"
             v.pass_s = sum(g.pass_s for g in report.graphs)
+        else:
+            v.folds = "-"
         if report.epilogues:
             v.folds += f" +{report.fused_epilogues}/{len(report.epilogues)} epi"
         if not measure:

@@ -63,7 +63,7 @@ def main(args, command: str) -> int:
     for part in ("fwd", "bwd"):
         a, b = (sum(n for (g, _), (_, n) in c.items() if g == part) / MIB for c in (ca, cb))
         print(f"| {part} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
-    print(f"| step | {ta.bytes / MIB:.1f} | {tb.bytes / MIB:.1f} | {(tb.bytes - ta.bytes) / MIB:+.1f} ({tb.bytes / ta.bytes:.3f}x) |")
+    print(f"| step | {ta.mib:.1f} | {tb.mib:.1f} | {tb.mib - ta.mib:+.1f} ({tb.bytes / ta.bytes:.3f}x) |")
     print("\n| graph | kernel class | kernels a / b | MiB a / b | difference |\n|---|---|---|---|---|")
     keys = sorted(set(ca) | set(cb), key=lambda k: -abs(cb.get(k, (0, 0))[1] - ca.get(k, (0, 0))[1]))
     for key in keys[: args.top]:
