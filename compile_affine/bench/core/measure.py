@@ -104,11 +104,9 @@ class _Collect(logging.Handler):
 
 @contextlib.contextmanager
 def counting(kernels: bool = False) -> Iterator[Traffic]:
-    """Count the bytes of every graph Inductor compiles inside the block.
-
-    Enables only the metrics logger (not ``torch._logging.set_logs``, which would reset
-    the user's other log settings), without printing, and restores it after.
-    """
+    """Count the bytes of every graph Inductor compiles inside the block. Enables only the
+    metrics logger (not ``torch._logging.set_logs``, which would reset the user's other log
+    settings), without printing, and restores it after."""
     from torch._inductor.utils import fresh_cache
 
     traffic, log = Traffic(), _metrics_logger()

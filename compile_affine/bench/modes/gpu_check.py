@@ -39,8 +39,8 @@ SECTIONS = ("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "test
 # ResNet-50's conv shapes at batch 32, 224 px (as c -> c blocks), by conv output
 # elements per weight element: 174, 21.8, 6.1, 2.7, 1.5, 0.34. The CPU matrix
 # (models.BLOCK_SHAPES, batch 8) is launch-bound on a GPU.
-GPU_BLOCKS = [BlockShape(f"{k}x{k} c{c} @{s} b32", c, s, k, 32)
-              for k, c, s in ((3, 64, 56), (3, 128, 28), (1, 1024, 14), (3, 256, 14), (1, 1024, 7), (3, 512, 7))]  # fmt: skip
+GPU_BLOCKS = [BlockShape(f"{k}x{k} c{c} @{s} b32", c, s, k, 32) for k, c, s in
+              ((3, 64, 56), (3, 128, 28), (1, 1024, 14), (3, 256, 14), (1, 1024, 7), (3, 512, 7))]  # fmt: skip
 TINY_BLOCKS = [BlockShape("3x3 c8 @16 b2", 8, 16, 3, 2, depth=1)]
 
 
