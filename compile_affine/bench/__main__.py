@@ -1,16 +1,13 @@
 """``python -m compile_affine.bench [MODE] [flags]``: the seed's question, measured; without
 a MODE, resnet. ``python -m compile_affine.bench MODE --help`` says what each does.
 
-The timed modes (resnet, blocks, layerscale, finetune, zoo) and traffic print one
-markdown table and take the same flags. Under
-``torchrun --nproc-per-node N -m compile_affine.bench ...`` every variant is wrapped in
-DistributedDataParallel (gloo on CPU, NCCL on CUDA) and each rank prints its own table;
-``--json`` then writes one file per rank (``PATH.rankR``).
-
-The other modes are tools, each with its own flags: traffic-diff (where two variants'
-bytes go), ddp-splits (the folds DDP's graph splitting costs), fpn-draws (gradient error
-over random draws), pass-time (the pass's own time against graph size) and gpu-check
-(what a lent GPU machine runs, ``make gpu-check``).
+The timed modes (resnet, blocks, layerscale, finetune, zoo) and traffic print one markdown
+table and take the same flags. Under ``torchrun --nproc-per-node N -m compile_affine.bench ...``
+every variant is wrapped in DistributedDataParallel (gloo on CPU, NCCL on CUDA), each rank
+prints its own table and ``--json`` writes one file per rank (``PATH.rankR``). The other modes
+are tools with flags of their own: traffic-diff (where two variants' bytes go), ddp-splits (the
+folds DDP's graph splitting costs), fpn-draws (gradient error over random draws), pass-time (the
+pass's own time against graph size) and gpu-check (what a lent GPU machine runs, ``make gpu-check``).
 """
 
 from __future__ import annotations
@@ -80,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     configure_compile()
-    settings = {} if args.min_activation_ratio is None else {"min_activation_ratio": args.min_activation_ratio}
-    if args.objective:
-        settings["objective"] = args.objective
+    settings = {k: getattr(args, k) for k in ("min_activation_ratio", "objective") if getattr(args, k) is not None}
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if ddp:
         args.device = init_distributed(args.device)
@@ -100,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and info["rank"] == 0:
         plot(rows, "ratio", "training step time / none+inductor", args.plot)
     if ddp:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
     return 0
 
 

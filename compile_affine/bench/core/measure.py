@@ -2,12 +2,11 @@
 backward; the bytes one compiled step moves; where a step spends its device time by
 kernel class; a compiled model's outputs and gradients against a reference.
 
-Bytes moved: the affine's cost is memory traffic, not FLOPs, and Inductor counts the bytes
-each scheduler node (a fused kernel, or an extern call such as a convolution) reads and
-writes, ``GraphLowering.count_bytes()``, for every graph it compiles while the
-``inductor_metrics`` log artifact is at INFO. A static function of the post-grad graph:
-the same on a loaded machine. Only a compile counts, so ``counting()`` turns the FX graph
-and AOTAutograd caches off and gives Inductor a fresh cache directory."""
+Bytes moved (docs/benchmarks.md, "Traffic", says why they matter): Inductor's
+``GraphLowering.count_bytes()`` for every graph it compiles, which it logs while the
+``inductor_metrics`` log artifact is at INFO; a static function of the post-grad graph,
+the same on a loaded machine. Only a compile counts, so ``counting()`` turns the FX
+graph and AOTAutograd caches off and gives Inductor a fresh cache directory."""
 
 from __future__ import annotations
 
@@ -28,10 +27,6 @@ class Saved:
     bytes: int
     shapes: list[tuple[int, ...]]
 
-    @property
-    def mib(self) -> float:
-        return self.bytes / 2**20
-
 
 def saved_for_backward(forward: Callable[[], torch.Tensor]) -> Saved:
     """Run ``forward`` and total the unique storages autograd saves (views share one)."""
@@ -45,8 +40,7 @@ def saved_for_backward(forward: Callable[[], torch.Tensor]) -> Saved:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
+        forward()
     return Saved(bytes=sum(storages.values()), shapes=shapes)
 
 
@@ -71,13 +65,8 @@ class Traffic:
     graphs: list[GraphTraffic] = dataclasses.field(default_factory=list)
     """In compile order: for a training step, forward then backward per compiled region."""
 
-    @property
-    def bytes(self) -> int:
-        return sum(g.bytes for g in self.graphs)
-
-    @property
-    def mib(self) -> float:
-        return self.bytes / 2**20
+    bytes = property(lambda self: sum(g.bytes for g in self.graphs))
+    mib = property(lambda self: self.bytes / 2**20)
 
 
 def _metrics_logger() -> logging.Logger:
@@ -92,11 +81,8 @@ def _kind(node) -> str:
 
 
 def _ops(node) -> str:
-    targets = set()
-    for n in node.get_nodes():
-        for origin in getattr(getattr(n, "node", None), "origins", ()) or ():
-            if origin.op == "call_function":
-                targets.add(getattr(origin.target, "__name__", str(origin.target)).split(".")[0])
+    origins = [o for n in node.get_nodes() for o in getattr(getattr(n, "node", None), "origins", ()) or ()]
+    targets = {getattr(o.target, "__name__", str(o.target)).split(".")[0] for o in origins if o.op == "call_function"}
     return ",".join(sorted(targets))
 
 
@@ -118,17 +104,13 @@ class _Collect(logging.Handler):
 
 @contextlib.contextmanager
 def counting(kernels: bool = False) -> Iterator[Traffic]:
-    """Count the bytes of every graph Inductor compiles inside the block.
-
-    Enables only the metrics logger (not ``torch._logging.set_logs``, which would reset
-    the user's other log settings), without printing, and restores it after.
-    """
+    """Count the bytes of every graph Inductor compiles inside the block. Enables only the
+    metrics logger (not ``torch._logging.set_logs``, which would reset the user's other log
+    settings), without printing, and restores it after."""
     from torch._inductor.utils import fresh_cache
 
-    traffic = Traffic()
-    log = _metrics_logger()
-    handler = _Collect(traffic, kernels)
-    level, propagate = log.level, log.propagate
+    traffic, log = Traffic(), _metrics_logger()
+    handler, level, propagate = _Collect(traffic, kernels), log.level, log.propagate
     log.setLevel(logging.INFO)
     log.propagate = False
     log.addHandler(handler)
@@ -190,9 +172,7 @@ def profile_step(step: Callable[[], object], device: str) -> dict[str, float]:
         if cuda:
             torch.cuda.synchronize()
     totals: Counter[str] = Counter({c: 0.0 for c in CLASSES})
-    for event in prof.key_averages():
-        if event.device_type != kind:
-            continue
+    for event in (e for e in prof.key_averages() if e.device_type == kind):
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
         totals[kernel_class(event.key)] += us / 1e3
     return {c: round(totals[c], 2) for c in CLASSES}
@@ -201,16 +181,14 @@ def profile_step(step: Callable[[], object], device: str) -> dict[str, float]:
 def outputs_and_grads(fn: Callable, model: torch.nn.Module, x: torch.Tensor, g: torch.Tensor | None) -> list:
     """The output, then every trainable parameter's gradient for output gradient ``g``
     (``g is None``: inference, the output alone)."""
-    for p in model.parameters():
-        p.grad = None
+    model.zero_grad(set_to_none=True)
     if g is None:
         with torch.inference_mode():
             return [fn(x).detach()]
     out = fn(x)
     out.backward(g)
     res = [out.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
-    for p in model.parameters():
-        p.grad = None
+    model.zero_grad(set_to_none=True)
     return res
 
 

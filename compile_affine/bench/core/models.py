@@ -37,11 +37,8 @@ class Scale2d(nn.Module):
 
 
 NORMS: dict[str, Callable[[int], nn.Module]] = {
-    "none": lambda c: nn.Identity(),
-    "bn": nn.BatchNorm2d,
-    "affine": Affine2d,
-    "scale": Scale2d,
-}
+    "none": lambda c: nn.Identity(), "bn": nn.BatchNorm2d, "affine": Affine2d, "scale": Scale2d
+}  # fmt: skip
 
 
 def resnet50(norm: str, num_classes: int = 1000) -> nn.Module:
@@ -77,9 +74,8 @@ def resnet50_finetune(norm: str, num_classes: int = 1000) -> nn.Module:
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 0.1, generator=gen)
-                m.running_var.uniform_(0.5, 1.5, generator=gen)
+            m.running_mean.normal_(0, 0.1, generator=gen)
+            m.running_var.uniform_(0.5, 1.5, generator=gen)
     return NormEval(model).train()
 
 
@@ -259,9 +255,7 @@ class ZooModel:
         kwargs = dict(self.tiny if tiny else self.kwargs)
         if self.sized:
             kwargs["img_size"] = self.tiny_size if tiny else (size or self.size)
-        model = self.make(**kwargs)
-        randomize(model)
-        return model
+        return randomize(self.make(**kwargs))
 
 
 def _timm(arch: str) -> Callable[..., nn.Module]:
@@ -370,11 +364,8 @@ ZOO_BY_NAME = {m.name: m for m in ZOO}
 
 
 def select_zoo(spec: str | None) -> list[ZooModel]:
-    if not spec:
-        return [m for m in ZOO if m.default]
-    if spec == "all":
-        return list(ZOO)
-    unknown = [n for n in spec.split(",") if n not in ZOO_BY_NAME]
-    if unknown:
+    """``--models``: comma-separated names, "all", or (unset) those marked ``default``."""
+    names = [m.name for m in ZOO if spec or m.default] if not spec or spec == "all" else spec.split(",")
+    if unknown := [n for n in names if n not in ZOO_BY_NAME]:
         raise SystemExit(f"unknown zoo model {unknown[0]!r}; choose from {', '.join(ZOO_BY_NAME)} or 'all'")
-    return [ZOO_BY_NAME[n] for n in spec.split(",")]
+    return [ZOO_BY_NAME[n] for n in names]

@@ -21,27 +21,24 @@ COLUMNS = [
 JSON_ONLY = {"traffic_bytes"}
 
 
-def row(scenario: str, v: Variant, group: list[Variant]) -> dict:
-    """``v``'s measurements, its ratios against ``BASELINE`` and stock Inductor on the same net."""
+def row(scenario: str, v: Variant, group: list[Variant], peak: bool = False) -> dict:
+    """``v``'s measurements, its ratios against ``BASELINE`` and stock Inductor on the same net;
+    ``peak`` (gpu-check): the step's peak memory too."""
     base = next((b for b in group if b.name == BASELINE), group[0])
     stock_same_net = next((b for b in group if b.net == v.net and b.backend == "inductor"), None)
     timed = bool(v.fwd_ms)  # traffic mode times nothing
     return {
-        "scenario": scenario,
-        "variant": v.name,
-        "step_ms": round(v.step, 2) if timed else None,
-        "fwd_ms": round(v.fwd, 2) if timed else None,
-        "bwd_ms": round(v.bwd, 2) if timed else None,
+        "scenario": scenario, "variant": v.name, "step_ms": round(v.step, 2) if timed else None,
+        "fwd_ms": round(v.fwd, 2) if timed else None, "bwd_ms": round(v.bwd, 2) if timed else None,
         "ratio": round(v.step / base.step, 3) if timed else None,
         "ratio_vs_stock_same_net": round(v.step / stock_same_net.step, 3) if timed and stock_same_net else None,
         "traffic_bytes": v.traffic_bytes,
         "traffic_mib": None if v.traffic_bytes is None else round(v.traffic_bytes / 2**20, 1),
         "traffic_ratio": ratio(v.traffic_bytes, base.traffic_bytes),
-        "saved_mib": round(v.saved_mib, 1) if timed else None,
-        "compile_s": round(v.compile_s, 1) if timed else None,
-        "pass_s": None if v.pass_s is None else round(v.pass_s, 2),
-        "folds": v.folds,
-    }
+        "saved_mib": round(v.saved_mib, 1) if timed else None, "compile_s": round(v.compile_s, 1) if timed else None,
+        "pass_s": None if v.pass_s is None else round(v.pass_s, 2), "folds": v.folds,
+        **({"peak_mib": None if v.peak_mib is None else round(v.peak_mib, 1)} if peak else {}),
+    }  # fmt: skip
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

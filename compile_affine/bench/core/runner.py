@@ -54,21 +54,10 @@ class Variant:
     report: compile_affine.Report | None = None
     """``compile_affine.report()`` after this variant's compile (the next one resets it)."""
 
-    @property
-    def name(self) -> str:
-        return f"{self.net} / {self.backend}"
-
-    @property
-    def fwd(self) -> float:
-        return statistics.median(self.fwd_ms)
-
-    @property
-    def bwd(self) -> float:
-        return statistics.median(self.bwd_ms)
-
-    @property
-    def step(self) -> float:
-        return statistics.median(f + b for f, b in zip(self.fwd_ms, self.bwd_ms))
+    name = property(lambda self: f"{self.net} / {self.backend}")
+    fwd = property(lambda self: statistics.median(self.fwd_ms))
+    bwd = property(lambda self: statistics.median(self.bwd_ms))
+    step = property(lambda self: statistics.median(f + b for f, b in zip(self.fwd_ms, self.bwd_ms)))
 
 
 def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
@@ -79,9 +68,8 @@ def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
         return torch.compile(model, options={"efficient_conv_bn_eval_fx_passes": True})
     if backend.startswith("inductor"):
         return torch.compile(model, mode=mode)
-    fold = "always" if backend.endswith("-always") else "auto"
-    epilogue = "auto" if backend.endswith("-epilogue") else "off"
-    ours = {"compile_affine": {**settings, "fold": fold, "epilogue": epilogue}}
+    ours = {"compile_affine": {**settings, "fold": "always" if backend.endswith("-always") else "auto",
+                               "epilogue": "auto" if backend.endswith("-epilogue") else "off"}}  # fmt: skip
     if backend.endswith("-memory"):
         ours["compile_affine"]["objective"] = "memory"
     if mode:  # torch.compile refuses mode= with options=; the backend takes both
@@ -92,9 +80,8 @@ def compiled(model: torch.nn.Module, backend: str, settings: dict) -> Callable:
 def parse_variants(spec: str | None, default: tuple[str, ...]) -> list[tuple[str, str]]:
     """``--variants none/inductor,affine/compile_affine`` (else ``default``) as (net, backend) pairs."""
     pairs = [tuple(v.split("/")) for v in (spec.split(",") if spec else default)]
-    for net, backend in pairs:
-        if backend not in BACKENDS:
-            raise SystemExit(f"unknown backend {backend!r} in --variants; choose from {BACKENDS}")
+    if unknown := [backend for _, backend in pairs if backend not in BACKENDS]:
+        raise SystemExit(f"unknown backend {unknown[0]!r} in --variants; choose from {BACKENDS}")
     return pairs
 
 
@@ -154,11 +141,8 @@ class Runner:
         """False: variants share Inductor's and Triton's caches, so a kernel two variants
         both need compiles once (the GPU check's cold-compile budget); compile times are
         then not comparable between variants."""
-        self.settings = settings or {}
-        self.ddp = ddp
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.inference = inference
+        self.device, self.dtype, self.inference = torch.device(device), dtype, inference
+        self.settings, self.ddp = settings or {}, ddp
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -182,19 +166,8 @@ class Runner:
                 v.opt.step()
         marks[2].record()
         marks[2].synchronize()
-        for p in v.model.parameters():
-            p.grad = None
+        v.model.zero_grad(set_to_none=True)
         return marks[0].elapsed_time(marks[1]), 0.0 if self.inference else marks[1].elapsed_time(marks[2])
-
-    def peak_step_mib(self, v: Variant) -> float | None:
-        """CUDA: peak memory of one step above what was allocated before it."""
-        if self.device.type != "cuda":
-            return None
-        torch.cuda.synchronize(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.step(v)
-        return (torch.cuda.max_memory_allocated(self.device) - before) / 2**20
 
     def prepare(self, v: Variant, warmup: int, measure: bool = True) -> None:
         """Compile ``v`` with its first step; ``measure`` False (traffic mode) stops there,
@@ -236,10 +209,15 @@ class Runner:
             return
         for _ in range(warmup):
             self.step(v)
-        v.peak_mib = self.peak_step_mib(v)
+        if self.device.type == "cuda":  # the step's peak above what was allocated before it
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.step(v)
+            v.peak_mib = (torch.cuda.max_memory_allocated(self.device) - before) / 2**20
         if not self.inference:
             with self.autocast():
-                v.saved_mib = saved_for_backward(lambda: v.fn(v.x)).mib
+                v.saved_mib = saved_for_backward(lambda: v.fn(v.x)).bytes / 2**20
         v.report = compile_affine.report()
         own = "" if v.pass_s is None else f" (pass {v.pass_s:.2f}s)"
         moved = "" if v.traffic_bytes is None else f", {v.traffic_bytes / 2**20:.1f} MiB moved"
@@ -273,8 +251,7 @@ class Runner:
             if deadline is not None and i and time.monotonic() > deadline:
                 progress(f"deadline: {i} of {steps} rounds timed")
                 break
-            order = ready[i % len(ready):] + ready[: i % len(ready)]
-            for v in order:
+            for v in ready[i % len(ready):] + ready[: i % len(ready)]:  # the order rotates each round
                 f, b = self.step(v)
                 v.fwd_ms.append(f)
                 v.bwd_ms.append(b)
@@ -315,17 +292,8 @@ def init_distributed(device: str) -> str:
 
 def machine() -> dict:
     cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "rank": int(os.environ.get("RANK", 0)),
-        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-    }
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "rank": int(os.environ.get("RANK", 0)), "world_size": int(os.environ.get("WORLD_SIZE", 1))}  # fmt: skip

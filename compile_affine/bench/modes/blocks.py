@@ -23,13 +23,10 @@ def run_layerscale(args, runner: Runner) -> list[dict]:
 
 def _run(args, runner: Runner, matrix: list) -> list[dict]:
     shapes = [matrix[int(i)] for i in args.shapes.split(",")] if args.shapes else matrix
-    rows = []
+    pairs, rows = parse_variants(args.variants, BLOCK_VARIANTS), []
     for shape in shapes:
         progress(f"shape {shape.name}")
-        variants = [
-            Variant(net, backend, shape.build(net), shape.input(args.device))
-            for net, backend in parse_variants(args.variants, BLOCK_VARIANTS)
-        ]
+        variants = [Variant(net, backend, shape.build(net), shape.input(args.device)) for net, backend in pairs]
         runner.run(variants, args.steps, args.warmup)
         rows += [row(shape.name, v, variants) for v in variants]
     return rows

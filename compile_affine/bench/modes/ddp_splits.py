@@ -1,24 +1,12 @@
-"""How many conv -> affine pairs does DDP's graph splitting cost? (issues 20, 29;
-docs/benchmarks.md, "How many sites DDP's graph splits cost", has the results.)
-
-timm's train.py wraps the model in DistributedDataParallel and then compiles it, and
-Dynamo's DDPOptimizer splits the graph at gradient-bucket boundaries (``bucket_cap_mb``)
-so that all-reduce overlaps backward. A piece that cut a conv from its affine would lose
-that fold; the table gives the report's reason for each site left unfolded. Four ways of
-running the seed's ResNet-50 (BatchNorm replaced by ``x * w + b``) under 2 gloo ranks,
-each counting the affine layers folded with ``fold="always"`` (legality only):
-
-* ``wrap-then-compile``: ``torch.compile(DDP(model))``, timm's order, DDPOptimizer on;
-* ``optimize_ddp=False``: the same with ``torch._dynamo.config.optimize_ddp = False``
-  (one graph; the bucket size changes nothing, so it gets one row);
-* ``compile-then-wrap``: ``DDP(torch.compile(model))`` (DDPOptimizer splits this too);
-* ``python_reducer``: ``optimize_ddp = "python_reducer"`` with compiled autograd (the
-  step, backward included, compiled; one forward graph; one row).
-
-Each row also trains the compiled wrapper and the same wrapper in eager for ``--steps``
-SGD steps in float64 (each rank its own data; the affine layers randomised, so that
-folding them is not the identity) and gives the largest difference of any parameter
-afterwards, relative to eager's total update of it: a wrong gradient shows at its own size.
+"""How many conv -> affine pairs does DDP's graph splitting cost? (issues 20, 29; docs/benchmarks.md,
+"How many sites DDP's graph splits cost", says why it matters and has the results.) The seed's ResNet-50
+(BatchNorm replaced by ``x * w + b``) on 2 gloo ranks with ``fold="always"`` (legality only), in four
+orders: ``wrap-then-compile`` (``torch.compile(DDP(model))``, timm's order), ``optimize_ddp=False`` (one
+graph, so one row whatever the bucket size), ``compile-then-wrap`` (``DDP(torch.compile(model))``) and
+``python_reducer`` (compiled autograd compiles the step, backward included: one forward graph, one row).
+Each row also trains the compiled wrapper and eager DDP for ``--steps`` float64 SGD steps (each rank its
+own data, the affines drawn so that folding them is not the identity) and gives the largest difference
+of any parameter, relative to eager's update of it: a wrong gradient shows at its own size.
 
     python -m compile_affine.bench ddp-splits [--bucket-cap-mb 25,1] [--res 64] [--steps 3]
 """
@@ -77,11 +65,10 @@ def _worker(rank: int, port: int, order: str, bucket_cap_mb: float, res: int, st
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, trained)]
         before = [p.detach().clone() for p in eager.parameters()]
+        runs = ((train_step, fn, opts[1]), (step, eager, opts[0]))[: 2 if steps else 1]  # 0 steps: no eager run
         for _ in range(max(steps, 1)):
             x = torch.randn(2, 3, res, res, generator=gen, dtype=dtype)
-            for i, (run, f, opt) in enumerate(((train_step, fn, opts[1]), (step, eager, opts[0]))):
-                if i and not steps:
-                    break  # counting only: no eager run
+            for run, f, opt in runs:
                 opt.zero_grad()
                 run(f, x)
                 opt.step()
@@ -112,8 +99,7 @@ def measure(order: str, bucket_cap_mb: float, res: int, steps: int = 0) -> dict:
         ranks = [json.load(open(os.path.join(out, f"{r}.json"))) for r in range(WORLD)]
     # Same model, same buckets: the same split on every rank (the errors may differ).
     assert [{**r, "err": None} for r in ranks][0] == {**ranks[1], "err": None}, ranks
-    errs = [r["err"] for r in ranks if r["err"] is not None]
-    return {**ranks[0], "err": max(errs) if errs else None}
+    return {**ranks[0], "err": max((r["err"] for r in ranks if r["err"] is not None), default=None)}
 
 
 def add_args(p) -> None:

@@ -1,14 +1,11 @@
-"""fp32 gradient error against float64 on torchvision's ResNet-18 FPN backbone with
-random FrozenBatchNorm2d statistics, over many draws (docs/design.md, "Numerics").
+"""fp32 gradient error against float64 on torchvision's ResNet-18 FPN backbone with random
+FrozenBatchNorm2d statistics, over many draws (docs/design.md, "Numerics": why one draw cannot
+tell one backend from another). Each backend compiles once; every draw then loads new weights,
+FrozenBN statistics and input (values only: no recompile), runs one backward of the sum of the FPN
+outputs and prints, per backend, ``|g - g64| / |g64|`` of ``body.conv1.weight``, the worst layer1
+gradient, the worst gradient overall and the worst output.
 
     python -m compile_affine.bench fpn-draws --batch 4 --res 160 --draws 12 --backends stock,ours
-
-Each backend compiles once; every draw then loads new weights, FrozenBN statistics and
-input (values only: no recompile), runs one backward of the sum of the FPN outputs and
-prints, per backend, the relative error ``|g - g64| / |g64|`` of ``body.conv1.weight``,
-the worst layer1 gradient, the worst gradient overall and the worst output. One ReLU or
-max-pool decision that fp32 and float64 take differently moves the upstream gradients
-by 1e-4 to 1e-3; a single draw cannot tell one backend from another.
 """
 
 from __future__ import annotations
@@ -21,10 +18,9 @@ import torch
 from ..core.models import randomize as randomize_model
 
 BACKENDS = {
-    "stock": dict(backend="inductor"),
-    "auto": dict(backend="compile_affine"),
+    "stock": dict(backend="inductor"), "auto": dict(backend="compile_affine"),
     "ours": dict(backend="compile_affine", options={"compile_affine": {"fold": "always", "strict": True}}),
-}
+}  # fmt: skip
 
 
 def randomize(model: torch.nn.Module, seed: int, batch: int, res: int, conv_bias: float = 0.0) -> torch.Tensor:
@@ -36,8 +32,7 @@ def randomize(model: torch.nn.Module, seed: int, batch: int, res: int, conv_bias
 
 
 def _step(model, fn, x):
-    for p in model.parameters():
-        p.grad = None
+    model.zero_grad(set_to_none=True)
     out = fn(x)
     sum(o.sum() for o in out.values()).backward()
     grads = {n: p.grad.detach().double() for n, p in model.named_parameters()}
@@ -61,11 +56,8 @@ def main(args, command: str) -> int:
 
     torch.manual_seed(0)
     base = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=5)
-    models, fns = {"eager": copy.deepcopy(base)}, {}
-    fns["eager"] = models["eager"]
-    for name in args.backends.split(","):
-        models[name] = copy.deepcopy(base)
-        fns[name] = torch.compile(models[name], **BACKENDS[name])
+    models = {name: copy.deepcopy(base) for name in ["eager", *args.backends.split(",")]}
+    fns = {name: m if name == "eager" else torch.compile(m, **BACKENDS[name]) for name, m in models.items()}
     reference = copy.deepcopy(base).double()
     print("draw", *[f"{k}:conv1 {k}:layer1 {k}:worst {k}:forward" for k in fns])
     for draw in range(args.draws):

@@ -1,19 +1,8 @@
-"""``python -m compile_affine.bench gpu-check [--dry-run]`` (``make gpu-check``): what a
-lent GPU machine runs, as one command that fits in 8 minutes with cold caches; README.md
-("make gpu-check") says what each section measures and what the run leaves.
-
-Sections, most important first, each stopping itself at its deadline (its share of the
-budget; its table then says "partial" and what it left out): blocks (ResNet-50's conv
-shapes, stock against every site folded: where folding starts to pay on this GPU, the
-number ``settings.TRAFFIC_BREAK_EVEN`` only derives), resnet (bf16 autocast,
-channels_last, batch 32 at 224 px, with a torch.profiler split of each variant's step by
-kernel class), finetune (eval-mode BatchNorm, fp32), max-autotune, resnet-fp32 and tests
-(``pytest -k cuda``). Variants share one Inductor/Triton cache (compile times are then
-not comparable between variants). gpu-check.json and gpu-check.md are replaced after
-every section, so a run killed at its time limit leaves every finished section; they,
-gpu-check.png and gpu-check-tests.log go to ``$OUT`` if set, else ``gpu-check-out/``.
-Without a CUDA device it says so and exits 0; ``--dry-run`` runs the same sections on CPU
-at tiny sizes (``make gpu-twin``, in CI, runs that on the GPU machine's interpreter).
+"""``python -m compile_affine.bench gpu-check [--dry-run]`` (``make gpu-check``): what a lent GPU
+machine runs, as one command that fits in 8 minutes with cold caches. README.md ("GPU check and
+tested torch versions") says what each section measures, how its deadline cuts it and what the run
+leaves (in ``$OUT`` if set, else ``gpu-check-out/``). Without a CUDA device it says so and exits 0;
+``--dry-run`` runs the same sections on CPU at tiny sizes (``make gpu-twin``, in CI).
 """
 
 from __future__ import annotations
@@ -45,18 +34,13 @@ RESNET_VARIANTS = (("affine", "inductor"), ("affine", "compile_affine"), ("none"
 FINETUNE_VARIANTS = (("bn", "inductor"), ("bn", "compile_affine"), ("bn", "inductor-conv_bn_eval"), ("none", "inductor"))
 BLOCK_VARIANTS = (("affine", "inductor"), ("affine", "compile_affine-always"))
 AUTOTUNE_VARIANTS = (("affine", "inductor"), ("affine", "inductor-max-autotune"), ("affine", "compile_affine-max-autotune"))
+SECTIONS = ("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "tests")
 
 # ResNet-50's conv shapes at batch 32, 224 px (as c -> c blocks), by conv output
 # elements per weight element: 174, 21.8, 6.1, 2.7, 1.5, 0.34. The CPU matrix
 # (models.BLOCK_SHAPES, batch 8) is launch-bound on a GPU.
-GPU_BLOCKS = [
-    BlockShape("3x3 c64 @56 b32", 64, 56, 3, 32),
-    BlockShape("3x3 c128 @28 b32", 128, 28, 3, 32),
-    BlockShape("1x1 c1024 @14 b32", 1024, 14, 1, 32),
-    BlockShape("3x3 c256 @14 b32", 256, 14, 3, 32),
-    BlockShape("1x1 c1024 @7 b32", 1024, 7, 1, 32),
-    BlockShape("3x3 c512 @7 b32", 512, 7, 3, 32),
-]
+GPU_BLOCKS = [BlockShape(f"{k}x{k} c{c} @{s} b32", c, s, k, 32) for k, c, s in
+              ((3, 64, 56), (3, 128, 28), (1, 1024, 14), (3, 256, 14), (1, 1024, 7), (3, 512, 7))]  # fmt: skip
 TINY_BLOCKS = [BlockShape("3x3 c8 @16 b2", 8, 16, 3, 2, depth=1)]
 
 
@@ -93,12 +77,9 @@ GPU_PLAN = Plan("cuda", budget_s=450, resnet_batch=32, resnet_res=224, tiny_resn
                 estimate_s={"blocks": 90, "resnet": 200, "finetune": 200, "max-autotune": 60, "resnet-fp32": 150, "tests": 100})  # fmt: skip
 # Every section runs to its end, whatever the time: the dry run exists to prove each works.
 DRY_PLAN = Plan("cpu", budget_s=3600, resnet_batch=2, resnet_res=16, tiny_resnet=True, steps=2, warmup=0,
-                blocks=TINY_BLOCKS, autotune=TINY_BLOCKS,
-                share_s=dict.fromkeys(("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "tests"), 3600),
-                start_s=dict.fromkeys(("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "tests"), 0),
+                blocks=TINY_BLOCKS, autotune=TINY_BLOCKS, settings={"min_activation_ratio": 0.0},
                 estimate_s={"blocks": 15, "resnet": 25, "finetune": 25, "max-autotune": 50, "resnet-fp32": 20, "tests": 60},
-                settings={"min_activation_ratio": 0.0})  # fmt: skip
-SECTIONS = ("blocks", "resnet", "finetune", "max-autotune", "resnet-fp32", "tests")
+                share_s=dict.fromkeys(SECTIONS, 3600), start_s=dict.fromkeys(SECTIONS, 0))  # fmt: skip
 REPO = pathlib.Path(__file__).resolve().parents[3]
 
 
@@ -165,14 +146,12 @@ def run_tests(plan: Plan, clock: Clock, out: pathlib.Path) -> dict:
     if rc is None:
         return {"status": "timeout", "note": f"stopped after {cap:.0f} s; so far: {summary}"}
     # 5: pytest selected no test (a checkout whose tests have no cuda variants).
-    status = "ok" if rc in (0, 5) else "failed"
-    return {"status": status, "note": "no test selected" if rc == 5 else summary, "rc": rc}
+    return {"status": "ok" if rc in (0, 5) else "failed", "note": "no test selected" if rc == 5 else summary, "rc": rc}
 
 
 def _pytest_summary(text: str) -> str:
     """pytest's last line, or, for a run cut off before it, the per-test outcomes so far."""
-    final = re.findall(r"^=+ (.*\d+ (?:passed|failed|skipped|deselected|errors?).*?) =+$", text, re.M)
-    if final:
+    if final := re.findall(r"^=+ (.*\d+ (?:passed|failed|skipped|deselected|errors?).*?) =+$", text, re.M):
         return final[-1]
     outcomes = re.findall(r" (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", text)
     return ", ".join(f"{outcomes.count(o)} {o.lower()}" for o in dict.fromkeys(outcomes)) or "no test finished"
@@ -204,13 +183,10 @@ def run_nets(plan: Plan, runner: Runner, deadline: float, finetune: bool = False
     x = torch.randn(plan.resnet_batch, 3, plan.resnet_res, plan.resnet_res)
     variants = [Variant(net, backend, build(net), x) for net, backend in pairs]
     ready = runner.run(variants, plan.steps, plan.warmup, deadline)
-    rows = []
-    for v in ready:
-        row = _row(name, v, ready)
+    rows = [row(name, v, ready, peak=True) for v in ready]
+    for r, v in zip(rows, ready):
         if time.monotonic() < deadline:  # step enters the runner's autocast itself
-            ms = profile_step(lambda: runner.step(v), plan.device)
-            row.update({f"{c} ms": t for c, t in ms.items()})
-        rows.append(row)
+            r.update({f"{c} ms": t for c, t in profile_step(lambda: runner.step(v), plan.device).items()})
     cut = _cut(plan, variants, ready)
     notes = [cut]
     if cut and not any(v.name == BASELINE for v in ready):
@@ -230,8 +206,7 @@ def _cut(plan: Plan, variants: list[Variant], ready: list[Variant]) -> str | Non
 
 
 def run_blocks(plan: Plan, runner: Runner, deadline: float, shapes: list, pairs=BLOCK_VARIANTS) -> dict:
-    rows, notes = [], []
-    slowest = 0.0
+    rows, notes, slowest = [], [], 0.0
     for i, shape in enumerate(shapes):
         if rows and time.monotonic() + slowest > deadline:
             notes.append(f"deadline: {len(shapes) - i} of {len(shapes)} shapes left out")
@@ -241,7 +216,7 @@ def run_blocks(plan: Plan, runner: Runner, deadline: float, shapes: list, pairs=
         ready = runner.run(variants, plan.steps, plan.warmup, deadline)
         ratio = _act_per_weight(shape, runner.dtype)
         for v in ready:
-            rows.append({**_row(shape.name, v, ready), "act_per_weight": round(ratio, 2),
+            rows.append({**row(shape.name, v, ready, peak=True), "act_per_weight": round(ratio, 2),
                          "auto_would_fold": ratio >= ca_settings.Settings().activation_ratio})  # fmt: skip
         if cut := _cut(plan, variants, ready):
             notes.append(f"{shape.name}: {cut}")
@@ -257,10 +232,6 @@ def _act_per_weight(shape: BlockShape, dtype: torch.dtype = torch.float32) -> fl
     activation = shape.batch * shape.channels * shape.size**2 * dtype.itemsize
     weight = shape.channels * (1 if shape.depthwise else shape.channels) * shape.kernel**2 * 4
     return activation / weight
-
-
-def _row(scenario: str, v: Variant, group: list[Variant]) -> dict:
-    return {**row(scenario, v, group), "peak_mib": None if v.peak_mib is None else round(v.peak_mib, 1)}
 
 
 def _release() -> None:
@@ -302,9 +273,9 @@ def main(args, command: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(plan.budget_s)
     clock.log(f"{command}: device {plan.device}, budget {plan.budget_s:.0f} s, output {out}")
-    estimates = plan.estimate_s
-    clock.log("plan: " + ", ".join(f"{n} ~{estimates[n]} s" for n in SECTIONS if n in only)
-              + f" (about {sum(estimates[n] for n in SECTIONS if n in only)} s in all; each section stops at its"
+    chosen = [n for n in SECTIONS if n in only]
+    clock.log("plan: " + ", ".join(f"{n} ~{plan.estimate_s[n]} s" for n in chosen)
+              + f" (about {sum(plan.estimate_s[n] for n in chosen)} s in all; each section stops at its"
               f" deadline, and those the budget no longer reaches are skipped)")  # fmt: skip
     configure_compile()
     fp32 = Runner(plan.device, torch.float32, settings=plan.settings, fresh_caches=False)
@@ -323,15 +294,12 @@ def main(args, command: str) -> int:
     }
     sections: dict[str, dict] = {}
     facts = device_facts()
-    for name in SECTIONS:
-        if name not in only:
-            continue
-        need = plan.start_s[name]
+    for name in chosen:
+        need, share = plan.start_s[name], min(plan.share_s[name], clock.left)
         if clock.left < need:
             sections[name] = {"status": "skipped", "note": f"{clock.left:.0f} s of the budget left, needs about {need} s"}
             clock.log(f"{name}: skipped ({sections[name]['note']})")
             continue
-        share = min(plan.share_s[name], clock.left)
         clock.log(f"{name}: start (deadline in {share:.0f} s)")
         start = time.monotonic()
         try:
@@ -342,7 +310,7 @@ def main(args, command: str) -> int:
         clock.log(f"{name}: {sections[name]['status']} in {sections[name]['seconds']:.0f} s")
         _release()
         # After every section: a run killed at its time limit still leaves what it finished.
-        result = write(out, command, plan.device, plan.budget_s, clock.elapsed, facts, sections)
+        write(out, command, plan.device, plan.budget_s, clock.elapsed, facts, sections)
     result = write(out, command, plan.device, plan.budget_s, clock.elapsed, facts, sections)
     bars = [r for s in sections.values() for r in s.get("rows", [])
             if r.get("ratio_vs_stock_same_net") is not None and "compile_affine" in r.get("variant", "")]  # fmt: skip
@@ -373,10 +341,9 @@ def markdown(result: dict) -> str:
     lines = [f"# gpu-check: {m.get('cuda') or m['cpu']}", "",
              f"`{result['command']}`: torch {m['torch']}, device {result['device']}, "
              f"{result['wall_s']:.0f} s in all, budget {result['budget_s']:.0f} s.", "",
-             "Step times are medians of interleaved training steps; `x stock same net` is the "
-             "step time over stock Inductor's on the same net. `default folds`: whether the "
-             f"cost rule's default (objective=\"time\", {result['thresholds']['time']}) folds that shape.",
-             ""]  # fmt: skip
+             "Step times are medians of interleaved training steps; `x stock same net` is the step time over "
+             "stock Inductor's on the same net. `default folds`: whether the cost rule's default "
+             f"(objective=\"time\", {result['thresholds']['time']}) folds that shape.", ""]  # fmt: skip
     for name, sec in result["sections"].items():
         lines += [f"## {name}: {sec['status']} ({sec.get('seconds', 0):.0f} s)", ""]
         if sec.get("note"):

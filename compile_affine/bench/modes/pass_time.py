@@ -9,6 +9,7 @@ no C++ compile, so a row costs seconds. Seconds are noisy under load; the growth
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -48,15 +49,9 @@ def _vit24():
     return timm.create_model("vit_small_patch16_224", depth=24, init_values=1e-5, img_size=64, num_classes=10)
 
 
-MODELS = {
-    "resnet18": (lambda: _resnet("resnet18"), 64, False),
-    "resnet50": (lambda: _resnet("resnet50"), 64, False),
-    "resnet152": (lambda: _resnet("resnet152"), 64, False),
-    "resnet18-dynamic": (lambda: _resnet("resnet18"), 64, True),
-    "resnet50-dynamic": (lambda: _resnet("resnet50"), 64, True),
-    "resnet152-dynamic": (lambda: _resnet("resnet152"), 64, True),
-    "vit24": (_vit24, 64, False),
-}
+MODELS = {f"{arch}{suffix}": (functools.partial(_resnet, arch), 64, bool(suffix))
+          for suffix in ("", "-dynamic") for arch in ("resnet18", "resnet50", "resnet152")}  # fmt: skip
+MODELS["vit24"] = (_vit24, 64, False)
 
 
 def measure(name: str) -> tuple[int, float, int]:
@@ -80,8 +75,7 @@ def main(args, command: str) -> int:
     print("|---|---|---|---|---|")
     for name in args.models.split(","):
         runs = [measure(name) for _ in range(args.repeat)]
-        nodes, sites = runs[0][0], runs[0][2]
-        secs = [r[1] for r in runs]
+        (nodes, _, sites), secs = runs[0], [r[1] for r in runs]
         per_node = min(secs) / nodes * 1e6
         print(f"| {name} | {nodes} | {sites} | {' / '.join(f'{s:.3f}' for s in secs)} | {per_node:.1f} |", flush=True)
     return 0

@@ -8,14 +8,10 @@ from ..core.models import resnet50, resnet50_finetune
 from ..core.output import row
 from ..core.runner import Runner, Variant, parse_variants
 
-RESNET_VARIANTS = (
-    "none/eager", "bn/eager", "affine/eager",
-    "none/inductor", "bn/inductor", "affine/inductor",
-    "affine/compile_affine",
-)  # fmt: skip
+RESNET_VARIANTS = ("none/eager", "bn/eager", "affine/eager", "none/inductor", "bn/inductor", "affine/inductor",
+                   "affine/compile_affine")  # fmt: skip
 FINETUNE_VARIANTS = ("none/inductor", "bn/inductor", "bn/inductor-conv_bn_eval", "bn/compile_affine")
 TRAFFIC_VARIANTS = ("none/inductor", "affine/inductor", "affine/compile_affine")
-TRAFFIC_FINETUNE_VARIANTS = FINETUNE_VARIANTS
 
 
 def run_resnet(args, runner: Runner) -> list[dict]:
@@ -48,7 +44,7 @@ def run_traffic(args, runner: Runner) -> list[dict]:
     ``--batch 32 --res 224``. Every other mode also reports the bytes next to step time.
     Nothing is timed: the byte count does not depend on load."""
     x = torch.randn(args.batch, 3, args.res, args.res)
-    build, default = (resnet50_finetune, TRAFFIC_FINETUNE_VARIANTS) if args.finetune else (resnet50, TRAFFIC_VARIANTS)
+    build, default = (resnet50_finetune, FINETUNE_VARIANTS) if args.finetune else (resnet50, TRAFFIC_VARIANTS)
     variants = [Variant(net, backend, build(net), x) for net, backend in parse_variants(args.variants, default)]
     for v in variants:
         runner.prepare(v, warmup=0, measure=False)

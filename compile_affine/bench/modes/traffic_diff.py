@@ -61,8 +61,7 @@ def main(args, command: str) -> int:
     print(f"resnet50{' eval-BN' if args.finetune else ''} b{args.batch} @{args.res}: {args.a} vs {args.b}, MiB per step")
     print(f"| graph | {args.a} | {args.b} | difference |\n|---|---|---|---|")
     for part in ("fwd", "bwd"):
-        a = sum(b for (g, _), (_, b) in ca.items() if g == part) / MIB
-        b = sum(b for (g, _), (_, b) in cb.items() if g == part) / MIB
+        a, b = (sum(n for (g, _), (_, n) in c.items() if g == part) / MIB for c in (ca, cb))
         print(f"| {part} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
     print(f"| step | {ta.mib:.1f} | {tb.mib:.1f} | {tb.mib - ta.mib:+.1f} ({tb.bytes / ta.bytes:.3f}x) |")
     print("\n| graph | kernel class | kernels a / b | MiB a / b | difference |\n|---|---|---|---|---|")

@@ -30,8 +30,7 @@ def run(args, runner: Runner) -> list[dict]:
     est = sum(m.est_s for m in entries)
     progress(f"zoo: {len(entries)} models ({', '.join(m.name for m in entries)}); expected about {est / 60:.0f} min "
              f"on a quiet 2-core CPU at default sizes (per-model estimates in compile_affine/bench/core/models.py)")  # fmt: skip
-    rows = []
-    start, expected = time.perf_counter(), 0
+    rows, start, expected = [], time.perf_counter(), 0
     for i, m in enumerate(entries):
         t0 = time.perf_counter()
         progress(f"model {m.name}: {m.source}")
@@ -54,9 +53,8 @@ def run_one(m: ZooModel, args, runner: Runner) -> dict:
     stock, ours = (Variant(m.name, b, copy.deepcopy(base), x) for b in ("inductor", "compile_affine"))
     runner.run([stock, ours], args.steps, args.warmup)
 
-    device = runner.device
-    base.to(device).train(not runner.inference)
-    x = x.to(device)
+    base.to(runner.device).train(not runner.inference)
+    x = x.to(runner.device)
     g = None if runner.inference else torch.randn_like(ours.fn(x).detach())
     eager = outputs_and_grads(base, base, x, g)
     double = copy.deepcopy(base).double()
@@ -64,11 +62,9 @@ def run_one(m: ZooModel, args, runner: Runner) -> dict:
     got = {v.backend: outputs_and_grads(v.fn, v.model, x, g) for v in (stock, ours)}
     vs_f64 = {k: max(rel_errors(r, reference)) for k, r in (("ours", got["compile_affine"]), ("stock", got["inductor"]),
                                                              ("eager", eager))}  # fmt: skip
-    row = {"model": m.name, "source": m.source, "carries": m.carries, "input": list(x.shape)}
-    row.update(_sites(ours.report))
-    row.update({
-        "graphs": len(ours.report.graphs),
-        "fell_back": [gr.fell_back for gr in ours.report.graphs if gr.fell_back],
+    row = {
+        "model": m.name, "source": m.source, "carries": m.carries, "input": list(x.shape), **_sites(ours.report),
+        "graphs": len(ours.report.graphs), "fell_back": [gr.fell_back for gr in ours.report.graphs if gr.fell_back],
         "step_ms_stock": round(stock.step, 2), "step_ms_ours": round(ours.step, 2),
         "step_ratio": round(ours.step / stock.step, 3),
         "saved_mib_stock": round(stock.saved_mib, 2), "saved_mib_ours": round(ours.saved_mib, 2),
@@ -79,7 +75,7 @@ def run_one(m: ZooModel, args, runner: Runner) -> dict:
         "fp32_vs_eager_ours": rel_errors(got["compile_affine"], eager),
         "fp32_vs_eager_stock": rel_errors(got["inductor"], eager),
         "vs_float64_eager": vs_f64,
-    })  # fmt: skip
+    }  # fmt: skip
     if not args.no_float64:
         row["float64_fx"] = float64_check(base, x, g)
     return row
@@ -88,21 +84,16 @@ def run_one(m: ZooModel, args, runner: Runner) -> dict:
 def _sites(report) -> dict:
     sites = report.sites
     refused = Counter(s.reason for s in sites if not s.folded and not s.declined_by_cost)
-    return {
-        "sites": len(sites),
-        "folded": sum(s.folded for s in sites),
-        "declined": sum(s.declined_by_cost for s in sites),
-        "refused": sum(refused.values()),
-        "refused_reasons": dict(refused.most_common()),
-        "site_records": [dataclasses.asdict(s) for s in sites],
-    }
+    return {"sites": len(sites), "folded": sum(s.folded for s in sites),
+            "declined": sum(s.declined_by_cost for s in sites), "refused": sum(refused.values()),
+            "refused_reasons": dict(refused.most_common()),
+            "site_records": [dataclasses.asdict(s) for s in sites]}  # fmt: skip
 
 
 def float64_check(base: torch.nn.Module, x: torch.Tensor, g: torch.Tensor | None) -> dict:
     """The pass in float64 on the same model, executed as FX, against float64 eager.
     ``fold="always"``: every legal site is rewritten, the ones the cost rule declines too."""
-    model = copy.deepcopy(base).double()
-    eager = copy.deepcopy(base).double()
+    model, eager = copy.deepcopy(base).double(), copy.deepcopy(base).double()
     gd = None if g is None else g.double()
     compile_affine.reset()
     fn = torch.compile(model, backend=fx_backend(compile_affine.Settings(fold="always", strict=True)))
