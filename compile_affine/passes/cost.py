@@ -25,6 +25,8 @@ import dataclasses
 import math
 
 import torch
+
+from .graph import val
 from .sites.base import Site
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +92,8 @@ def recomputes_relu_mask(site: Site, objective: str) -> bool:
     (rewrite/masks.py): for time, on CPU, where the unfolded backward already saved a float
     of that size (``y``, for the scale's gradient), so the saved bytes stay no more than
     stock's. Under ``objective="memory"`` the smaller bool mask is kept."""
-    device = getattr(site.y.meta.get("val"), "device", None)
-    return objective == "time" and site.grad_scale_mul is not None and getattr(device, "type", None) == "cpu"
+    y = val(site.y)
+    return objective == "time" and site.grad_scale_mul is not None and y is not None and y.device.type == "cpu"
 
 
 def estimate(site: Site, min_ratio: float) -> Estimate:
