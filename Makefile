@@ -26,9 +26,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,bench]'
 	touch $(STAMP)
 
-$(MIN_STAMP): pyproject.toml constraints-min.txt
-	$(PYTHON) -m venv $(MIN_VENV)
-	$(MIN_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints-min.txt -e '.[test,bench]'
+# .venv-min starts as a hard-linked copy of .venv-twin, whose torch 2.11 it shares: CI
+# holds three venvs, and on a small disk a second 5 GB copy of torch is what runs out
+# (CI failed with ENOSPC there). pip only ever replaces files, never writes into them,
+# so what it installs here leaves the twin as it was.
+$(MIN_STAMP): pyproject.toml constraints-min.txt $(TWIN_STAMP)
+	rm -rf $(MIN_VENV)
+	cp -al $(TWIN_VENV) $(MIN_VENV) || { rm -rf $(MIN_VENV); cp -a $(TWIN_VENV) $(MIN_VENV); }
+	rm -f $(MIN_STAMP)
+	grep -rlI -e '$(abspath $(TWIN_VENV))' $(MIN_VENV)/bin $(MIN_VENV)/pyvenv.cfg \
+	  | xargs -r sed -i 's|$(abspath $(TWIN_VENV))|$(abspath $(MIN_VENV))|g'
+	$(MIN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-min.txt -e '.[test,bench]'
 	touch $(MIN_STAMP)
 
 # Installs packages only, never this project: the checkout reaches Python through PYTHONPATH.
