@@ -1,4 +1,4 @@
-"""Third-party models from the benchmark zoo (compile_affine/bench/core/models.py), tiny versions
+"""Third-party models from the benchmark zoo (compile_affine/bench/core/zoo.py), tiny versions
 built by the zoo's own builders (timm / torchvision code, ``pretrained=False``): the
 forward and every parameter's gradient against eager, and which affines folded.
 
@@ -22,7 +22,7 @@ import torch
 
 import compile_affine
 from compile_affine._compat import SCATTER_FILL_MISORDERED
-from compile_affine.bench.core import models
+from compile_affine.bench.core import zoo as catalogue
 from compile_affine.bench.modes import zoo
 from compile_affine.passes import legality
 from compile_affine.settings import Settings
@@ -35,7 +35,7 @@ ALWAYS = {"compile_affine": {"fold": "always", "strict": True}}
 
 
 def tiny(name: str, batch: int = 2) -> tuple[torch.nn.Module, torch.Tensor]:
-    entry = models.ZOO_BY_NAME[name]
+    entry = catalogue.ZOO_BY_NAME[name]
     model = entry.build(tiny=True)
     return model, torch.randn(batch, 3, entry.tiny_size, entry.tiny_size)
 
@@ -148,7 +148,7 @@ def test_gradient_from_a_scatter_is_left_alone_before_torch_2_14(monkeypatch, mi
 
 
 def test_eval_norms_keeps_batchnorm_in_eval_mode():
-    model = models.ZOO_BY_NAME["resnet18_evalbn"].build(tiny=True)  # as built, and after train()
+    model = catalogue.ZOO_BY_NAME["resnet18_evalbn"].build(tiny=True)  # as built, and after train()
     assert model.training and not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     model.train()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -160,19 +160,19 @@ def test_eval_norms_keeps_batchnorm_in_eval_mode():
 def test_affines_are_not_left_at_their_identity_init():
     from torchvision.ops import FrozenBatchNorm2d
 
-    model = models.ZOO_BY_NAME["resnet18_frozenbn"].build(tiny=True)
+    model = catalogue.ZOO_BY_NAME["resnet18_frozenbn"].build(tiny=True)
     bn = next(m for m in model.modules() if isinstance(m, FrozenBatchNorm2d))
     assert not torch.equal(bn.running_var, torch.ones_like(bn.running_var))
-    deit = models.ZOO_BY_NAME["deit3_small"].build(tiny=True)
+    deit = catalogue.ZOO_BY_NAME["deit3_small"].build(tiny=True)
     assert deit.blocks[0].ls1.gamma.min() >= 0.5  # timm's init is 1e-5
 
 
 def test_model_selection():
-    assert [m.name for m in models.select_zoo(None)] == [m.name for m in models.ZOO if m.default]
-    assert len(models.select_zoo("all")) == len(models.ZOO)
-    assert [m.name for m in models.select_zoo("deit3_small,convnext_atto")] == ["deit3_small", "convnext_atto"]
+    assert [m.name for m in catalogue.select_zoo(None)] == [m.name for m in catalogue.ZOO if m.default]
+    assert len(catalogue.select_zoo("all")) == len(catalogue.ZOO)
+    assert [m.name for m in catalogue.select_zoo("deit3_small,convnext_atto")] == ["deit3_small", "convnext_atto"]
     with pytest.raises(SystemExit, match="unknown zoo model 'vgg'"):
-        models.select_zoo("vgg")
+        catalogue.select_zoo("vgg")
 
 
 def test_table_reads_a_row():

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from .core.models import ZOO_BY_NAME
+from .core.zoo import ZOO_BY_NAME
 from .core.output import COLUMNS, plot, replaced, table
 from .core.runner import Runner, configure_compile, init_distributed, machine
 from .modes import blocks, ddp_splits, fpn_draws, gpu_check, pass_time, resnet, traffic_diff, zoo

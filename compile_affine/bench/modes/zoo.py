@@ -15,7 +15,7 @@ import compile_affine
 from ..core.measure import outputs_and_grads, rel_errors
 from ..core.output import ratio, table as markdown
 from ..core.runner import Runner, Variant, fx_backend, progress
-from ..core.models import ZooModel, select_zoo
+from ..core.zoo import ZooModel, select_zoo
 
 
 def run(args, runner: Runner) -> list[dict]:
