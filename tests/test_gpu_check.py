@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import compile_affine.bench.__main__ as bench
-import compile_affine.bench.modes.gpu_check as gpu_check
+from compile_affine.bench.modes.gpu_check import plan as gpu_plan
+from compile_affine.bench.modes.gpu_check import pytest_run
+from compile_affine.bench.modes.gpu_check import sections as gpu_sections
 from compile_affine.bench.core.measure import CLASSES, kernel_class
 from compile_affine.bench.core.runner import Runner, Variant
 
@@ -34,10 +36,10 @@ def test_dry_run_writes_every_section(tmp_path):
     result = json.loads((tmp_path / "gpu-check.json").read_text())
     assert result["device"] == "cpu" and result["thresholds"]["time"] > result["thresholds"]["memory"] > 0
     sections = result["sections"]
-    assert list(sections) == list(gpu_check.SECTIONS)
-    assert {n: s["status"] for n, s in sections.items()} == dict.fromkeys(gpu_check.SECTIONS, "ok")
-    for section, pairs in (("resnet", gpu_check.RESNET_VARIANTS), ("resnet-fp32", gpu_check.RESNET_VARIANTS),
-                           ("finetune", gpu_check.FINETUNE_VARIANTS)):  # fmt: skip
+    assert list(sections) == list(gpu_plan.SECTIONS)
+    assert {n: s["status"] for n, s in sections.items()} == dict.fromkeys(gpu_plan.SECTIONS, "ok")
+    for section, pairs in (("resnet", gpu_plan.RESNET_VARIANTS), ("resnet-fp32", gpu_plan.RESNET_VARIANTS),
+                           ("finetune", gpu_plan.FINETUNE_VARIANTS)):  # fmt: skip
         rows = {r["variant"]: r for r in sections[section]["rows"]}
         assert set(rows) == {f"{n} / {b}" for n, b in pairs}
         # One profiled step per variant, split by kernel class.
@@ -51,7 +53,7 @@ def test_dry_run_writes_every_section(tmp_path):
     assert all(r["step_ms"] > 0 for s in ("resnet", "blocks", "max-autotune") for r in sections[s]["rows"])
     autotune = {r["variant"]: r for r in sections["max-autotune"]["rows"]}
     assert autotune["affine / compile_affine-max-autotune"]["folds"] == "1/1"
-    assert {r["variant"] for r in sections["blocks"]["rows"]} == {f"{n} / {b}" for n, b in gpu_check.BLOCK_VARIANTS}
+    assert {r["variant"] for r in sections["blocks"]["rows"]} == {f"{n} / {b}" for n, b in gpu_plan.BLOCK_VARIANTS}
     assert "## resnet: ok" in (tmp_path / "gpu-check.md").read_text()
     # Progress lines carry the elapsed time.
     assert "[gpu-check +" in proc.stderr
@@ -67,9 +69,9 @@ def test_without_a_gpu_one_line_and_exit_0(monkeypatch, capsys, tmp_path):
 
 def test_pytest_summary_of_a_run_cut_off():
     cut = "tests/test_a.py::test_x[cuda] PASSED [ 10%]\ntests/test_a.py::test_y[cuda] FAILED [ 20%]\n"
-    assert gpu_check._pytest_summary(cut) == "1 passed, 1 failed"
+    assert pytest_run._pytest_summary(cut) == "1 passed, 1 failed"
     done = cut + "=========== 1 failed, 1 passed, 200 deselected in 3.00s ===========\n"
-    assert gpu_check._pytest_summary(done) == "1 failed, 1 passed, 200 deselected in 3.00s"
+    assert pytest_run._pytest_summary(done) == "1 failed, 1 passed, 200 deselected in 3.00s"
 
 
 def test_unknown_section_is_refused(tmp_path):
@@ -80,7 +82,7 @@ def test_unknown_section_is_refused(tmp_path):
 def test_gpu_blocks_bracket_the_gpu_default():
     from compile_affine.settings import TRAFFIC_BREAK_EVEN
 
-    ratios = [gpu_check._act_per_weight(s, torch.bfloat16) for s in gpu_check.GPU_BLOCKS]  # as they run
+    ratios = [gpu_sections._act_per_weight(s, torch.bfloat16) for s in gpu_plan.GPU_BLOCKS]  # as they run
     assert min(ratios) < TRAFFIC_BREAK_EVEN / 2 and max(ratios) > 2 * TRAFFIC_BREAK_EVEN
 
 
@@ -127,9 +129,9 @@ def test_runner_deadline_cuts_variants_and_rounds():
     variants = [Variant("n", "inductor", torch.nn.Identity(), torch.zeros(1)) for _ in range(3)]
     ready = runner.run(variants, steps=4, warmup=0, deadline=time.monotonic() - 1)  # already past
     assert ready == variants[:1] and len(ready[0].fwd_ms) == 1  # the first variant, one round
-    plan = dataclasses.replace(gpu_check.DRY_PLAN, steps=4)
-    assert gpu_check._cut(plan, variants, ready).startswith("deadline: 1 of 4 rounds; not compiled: ")
+    plan = dataclasses.replace(gpu_plan.DRY_PLAN, steps=4)
+    assert gpu_sections._cut(plan, variants, ready).startswith("deadline: 1 of 4 rounds; not compiled: ")
     fresh = [Variant("n", "inductor", torch.nn.Identity(), torch.zeros(1)) for _ in range(2)]
     assert runner.run(fresh, steps=4, warmup=0, deadline=time.monotonic() + 60) == fresh
-    assert gpu_check._cut(plan, fresh, fresh) is None
+    assert gpu_sections._cut(plan, fresh, fresh) is None
     assert runner.run([], steps=4) == []
