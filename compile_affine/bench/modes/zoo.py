@@ -21,7 +21,7 @@ from ..core.zoo import ZooModel, select_zoo
 def run(args, runner: Runner) -> list[dict]:
     """zoo: timm and torchvision models that carry affines (LayerScale ViTs and ConvNeXts,
     MetaFormer, NF-ResNet gains, FrozenBN and eval-BN ResNets, an FPN backbone; the
-    catalogue is in core/models.py). For each model: what the pass found, folded, declined
+    catalogue is in core/zoo.py). For each model: what the pass found, folded, declined
     and refused (from ``report()``); saved-for-backward bytes and training-step time against
     stock Inductor, interleaved; fp32 agreement with eager, the error of both compiled runs
     and of eager itself against a float64 eager run, and a float64 run of the pass
@@ -29,7 +29,7 @@ def run(args, runner: Runner) -> list[dict]:
     entries = select_zoo(args.models)
     est = sum(m.est_s for m in entries)
     progress(f"zoo: {len(entries)} models ({', '.join(m.name for m in entries)}); expected about {est / 60:.0f} min "
-             f"on a quiet 2-core CPU at default sizes (per-model estimates in compile_affine/bench/core/models.py)")  # fmt: skip
+             f"on a quiet 2-core CPU at default sizes (per-model estimates in compile_affine/bench/core/zoo.py)")  # fmt: skip
     rows, start, expected = [], time.perf_counter(), 0
     for i, m in enumerate(entries):
         t0 = time.perf_counter()
