@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from . import target
 from .graph import val
 from .sites.base import Site
 
@@ -93,7 +94,7 @@ def recomputes_relu_mask(site: Site, objective: str) -> bool:
     of that size (``y``, for the scale's gradient), so the saved bytes stay no more than
     stock's. Under ``objective="memory"`` the smaller bool mask is kept."""
     y = val(site.y)
-    return objective == "time" and site.grad_scale_mul is not None and y is not None and y.device.type == "cpu"
+    return objective == "time" and site.grad_scale_mul is not None and y is not None and target.device_type(y) == "cpu"
 
 
 def estimate(site: Site, min_ratio: float) -> Estimate:

@@ -36,6 +36,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .. import ops
 from .._compat import register_user_lowering
 from ..report import EpilogueRecord
+from . import target
 from .rewrite import Emitter
 
 log = logging.getLogger("compile_affine")
@@ -92,8 +93,8 @@ def _reason(c: _Candidate) -> str | None:
     if any(not isinstance(v, torch.Tensor) for v in vals.values()):
         return "missing tensor metadata"
     y = vals["conv output"]
-    if y.device.type != "cpu":
-        return f"{y.device.type} tensors: the epilogue is left to Inductor"
+    if target.device_type(y) != "cpu":
+        return f"{target.device_type(y)} tensors: the epilogue is left to Inductor"
     if transposed:
         return "transposed conv: no oneDNN post-op path"
     if y.dim() != 4:

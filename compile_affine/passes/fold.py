@@ -14,7 +14,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 from .. import report, trace
 from ..settings import EXCLUDED, Settings
-from . import cost, legality, rewrite
+from . import cost, legality, rewrite, target
 from .describe import location, site_facts
 from .epilogue import fuse_epilogues
 from .graph import ALREADY_JUDGED
@@ -46,7 +46,7 @@ class AffineFoldPass(CustomGraphPass):
         """What this pass recorded (one backend call), for the copy kept beside the cache."""
 
     def uuid(self) -> bytes:
-        return get_hash_for_files(_SOURCES, extra=f"{self.settings!r} {self.mutations!r}")
+        return get_hash_for_files(_SOURCES, extra=f"{self.settings!r} {self.mutations!r} {target.override()!r}")
 
     def __call__(self, graph: fx.Graph) -> None:
         self.calls += 1

@@ -8,6 +8,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .. import target
 from ..graph import CHANNEL_AXIS
 from ..sites.conv import ConvSite
 from .common import (Emitter, add_shift, conv_bias, erase_dead, feature_sum, finish_result, first_in_graph, per_channel,
@@ -162,6 +163,6 @@ def _bias_grad_in_conv_backward(site: ConvSite, mask: list[bool]) -> bool:
     GPUs), so the existing ``sum(g)`` stays as the one reduction, where Inductor may
     fuse it with the kernel that writes ``g``.
     """
-    if not (mask[0] or mask[1]) or site.conv.meta["val"].device.type != "cpu":
+    if not (mask[0] or mask[1]) or target.device_type(site.conv.meta["val"]) != "cpu":
         return False
     return site.grad.meta["val"].dtype == site.conv.meta["val"].dtype
