@@ -452,6 +452,8 @@ def test_mode_switch_recompiles_without_the_fold():
 def test_finetune_bench_keeps_norms_in_eval_and_runs(tmp_path):
     import json
 
+    pytest.importorskip("torchvision", reason="the benchmark's ResNet-50 is torchvision's")
+
     import compile_affine.bench.__main__ as bench
     from compile_affine.bench.core.models import resnet50_finetune
     from compile_affine.bench.core.runner import BACKENDS
