@@ -98,8 +98,9 @@ def register_user_lowering(op: torch._ops.OpOverload, fn: Any) -> None:
 # Inductor's conv lowering in 2.11 calls freeze_layout() on the bias, which a view
 # (a reshaped shift, say) does not implement; 2.14's realizes views first. Releases in
 # between were not checked, so they get the 2.11 treatment.
-_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-CONV_TAKES_VIEW_BIAS = _TORCH >= (2, 14)
+TORCH_MINOR: tuple[int, int] = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])  # type: ignore[assignment]
+"""This torch's (major, minor): what the shims below and the fold-count pins key on."""
+CONV_TAKES_VIEW_BIAS = TORCH_MINOR >= (2, 14)
 """Whether Inductor's conv lowering takes a view for its bias (``rewrite.common.conv_bias``)."""
 
 
@@ -109,4 +110,4 @@ CONV_TAKES_VIEW_BIAS = _TORCH >= (2, 14)
 # Inductor hits it at some shapes; fed straight to the folded ``convolution_backward``
 # (instead of through ``g * s``) it hits more. 2.14 orders them right; the releases in
 # between were not checked, so they are treated as 2.11.
-SCATTER_FILL_MISORDERED = _TORCH < (2, 14)
+SCATTER_FILL_MISORDERED = TORCH_MINOR < (2, 14)
