@@ -55,6 +55,7 @@ def _folds_change_the_graph(monkeypatch):
 CORE_MODULES = frozenset({
     "test_rewrite", "test_differential", "test_forms", "test_conv_kinds", "test_legality", "test_numerics",
     "test_batchnorm", "test_batchnorm_edges", "test_linear", "test_semantics", "test_backend", "test_cost",
+    "test_compat_watch", "test_fold_watch", "test_twin_interpret", "test_twin_codegen",
 })  # fmt: skip
 
 
