@@ -54,10 +54,11 @@ def test_no_import_cycle_among_the_package_modules():
 
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("compile_affine._compat", "compile_affine.settings", "compile_affine.trace", "compile_affine.ops"),
+    ("compile_affine._compat", "compile_affine._torch_internals", "compile_affine.settings", "compile_affine.trace",
+     "compile_affine.ops"),
     ("compile_affine.report",),
     ("compile_affine.record_store",),
-    ("compile_affine.passes", "compile_affine.passes.graph"),
+    ("compile_affine.passes", "compile_affine.passes.graph", "compile_affine.passes.target"),
     ("compile_affine.passes.mutations",),
     ("compile_affine.passes.sites.base",),
     ("compile_affine.passes.sites.conv", "compile_affine.passes.sites.linear"),
