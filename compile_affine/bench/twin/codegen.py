@@ -130,7 +130,7 @@ def compile_step(make_model: Callable[[], torch.nn.Module], make_input: Callable
         torch._dynamo.reset()  # drop the frames compiled for the fake GPU
     sites = []
     for record in (s for g in records for s in g.sites):
-        kernels = {f"{g.name}/{k.name}": hits for g in rec.graphs for k in g.kernels
-                   if (hits := [f"{n} ({op})" for n, op, _, mod in k.nodes if mod in (record.module, record.producer_module)])}
+        kernels = {f"{g.name}/{k}": hits for g in rec.graphs for k, nodes in g.calls
+                   if (hits := [f"{n} ({op})" for n, op, _, mod in nodes if mod in (record.module, record.producer_module)])}
         sites.append(Site(record, kernels))
     return Result(rec.graphs, sites, device, rec.launches)

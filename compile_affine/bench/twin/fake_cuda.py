@@ -32,6 +32,7 @@ from .engine import _grad
 DEVICES = {  # name, compute capability, SMs, memory, L2, shared memory per block (opt-in)
     "h100": ("NVIDIA H100 80GB HBM3", (9, 0), 132, 80 * 2**30, 50 * 2**20, 227 * 1024),
     "v100": ("Tesla V100-SXM2-32GB", (7, 0), 80, 32 * 2**30, 6 * 2**20, 96 * 1024),
+    "h200": ("NVIDIA H200", (9, 0), 132, 141 * 10**9, 50 * 2**20, 227 * 1024),  # the lent GPU machine's
 }
 _KINDS = {"triton_poi": "pointwise", "triton_red": "reduction", "triton_per": "persistent reduction",
           "triton_tem": "template"}  # fmt: skip
@@ -65,6 +66,13 @@ class Graph:
     saved_bytes: int = 0
     """Backward only: what the forward saved for it (its inputs but the tangents, parameters
     and the step's input included), in bytes of unique storages."""
+    traffic: list = dataclasses.field(default_factory=list)
+    """Inductor's byte count per scheduler node (``bench.core.measure.Kernel``: kind, bytes,
+    aten ops), what ``traffic-diff`` compares: where a variant's bytes go."""
+    calls: list[tuple[str, list[tuple]]] = dataclasses.field(default_factory=list)
+    """Every Triton launch in the wrapper, in order: the kernel and the FX nodes (as in
+    ``Kernel.nodes``) of that call. A kernel whose source repeats is defined once and
+    called for each of its sites, so per-site questions read the calls, not the kernels."""
 
     def count(self) -> Counter:
         return Counter(k.kind for k in self.kernels)
@@ -157,8 +165,7 @@ class _Recorder:
         def define_kernel(scheduling, src_code, node_schedule, kernel):
             name = real(scheduling, src_code, node_schedule, kernel)
             fx_nodes = {o for n in node_schedule for o in getattr(getattr(n, "node", None), "origins", None) or ()}
-            self.origins[name] = sorted((o.name, getattr(o.target, "__name__", str(o.target)), location(o), _module(o))
-                                        for o in fx_nodes if o.op == "call_function" and o.target not in VIEW_OPS)  # fmt: skip
+            self.origins[name] = sorted(_node_facts(o) for o in fx_nodes if o.op == "call_function" and o.target not in VIEW_OPS)
             return name
 
         return define_kernel
@@ -191,7 +198,8 @@ class _Recorder:
             kernels = [Kernel(k, next((v for p, v in _KINDS.items() if k.startswith(p)), "other"), src, self.origins.get(k, []))
                        for k, src in self.sources[first:]]  # fmt: skip
             extern = re.findall(r"\b((?:extern_kernels|aten|torch\.ops\.\w+)\.\w+(?:\.\w+)?)\(", wrapper)
-            graph = Graph(name, kernels, extern, sum(g.bytes for g in self.traffic.graphs[counted:]), wrapper)
+            graph = Graph(name, kernels, extern, sum(g.bytes for g in self.traffic.graphs[counted:]), wrapper,
+                          traffic=[k for g in self.traffic.graphs[counted:] for k in g.kernels], calls=_calls(wrapper, gm))  # fmt: skip
             if name == "backward":  # what the forward saved: the inputs but the tangents, per storage
                 saved = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
                 storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in saved if isinstance(t, torch.Tensor)}
@@ -203,6 +211,26 @@ class _Recorder:
 
         inner_compile._twin = True
         return inner_compile
+
+
+def _node_facts(o: Any) -> tuple:
+    return (o.name, getattr(o.target, "__name__", str(o.target)), location(o), _module(o))
+
+
+def _calls(wrapper: str, gm: Any) -> list[tuple[str, list[tuple]]]:
+    """Each ``triton_*.run(`` in the wrapper with the FX nodes of the ``# Topologically Sorted
+    Source Nodes: [...]`` comment Inductor writes before it."""
+    nodes, calls, sources = {n.name: n for n in gm.graph.nodes}, [], []
+    for line in wrapper.splitlines():
+        if m := _SOURCES.match(line):
+            sources = [nodes[n] for n in m.group(1).split(", ") if n in nodes]
+        elif m := _LAUNCH.match(line):
+            calls.append((m.group(1), [_node_facts(o) for o in sources if o.op == "call_function" and o.target not in VIEW_OPS]))
+    return calls
+
+
+_SOURCES = re.compile(r"^\s*# Topologically Sorted Source Nodes: \[([^\]]*)\]")
+_LAUNCH = re.compile(r"^\s*(triton_\w+)\.run\(")
 
 
 def _module(node: Any) -> str:
@@ -273,7 +301,7 @@ def fake_gpu(device: str = "h100") -> Iterator[_Recorder]:
     post_grad.lazy_init()
     with contextlib.ExitStack() as stack:
         stack.callback(_clear_caches)  # last on exit: they answered for the fake GPU
-        rec = _Recorder(stack.enter_context(counting()))
+        rec = _Recorder(stack.enter_context(counting(kernels=True)))
         patch = lambda *a: stack.enter_context(mock.patch.object(*a))  # noqa: E731
         for name, fn in cuda.items():
             patch(torch.cuda, name, fn)
