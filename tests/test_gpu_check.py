@@ -135,3 +135,16 @@ def test_runner_deadline_cuts_variants_and_rounds():
     assert runner.run(fresh, steps=4, warmup=0, deadline=time.monotonic() + 60) == fresh
     assert gpu_sections._cut(plan, fresh, fresh) is None
     assert runner.run([], steps=4) == []
+
+
+def test_the_twins_prediction_is_read_for_the_gpu_plan_only():
+    """``make gpu-check`` prints the GPU twin's byte count (bench/twin/predicted.json, made
+    by ``gpu-codegen --predict``) beside what it measures, for the nets and sizes the twin
+    compiled: the GPU plan's, not the dry run's tiny stand-in."""
+    twin = gpu_sections.predicted(gpu_plan.GPU_PLAN, "resnet")
+    assert twin is not None and twin["device"] == "h200" and twin["torch"].startswith("2.11")
+    variants = {f"{net}/{backend}" for net, backend in gpu_plan.RESNET_VARIANTS}
+    assert set(twin["bytes"]) == variants and all(b > 0 for b in twin["bytes"].values())
+    assert set(gpu_sections.predicted(gpu_plan.GPU_PLAN, "finetune")["bytes"]) == {
+        f"{net}/{backend}" for net, backend in gpu_plan.FINETUNE_VARIANTS}
+    assert gpu_sections.predicted(gpu_plan.DRY_PLAN, "resnet") is None

@@ -7,7 +7,8 @@ every variant is wrapped in DistributedDataParallel (gloo on CPU, NCCL on CUDA),
 prints its own table and ``--json`` writes one file per rank (``PATH.rankR``). The other modes
 are tools with flags of their own: traffic-diff (where two variants' bytes go), ddp-splits (the
 folds DDP's graph splitting costs), fpn-draws (gradient error over random draws), pass-time (the
-pass's own time against graph size) and gpu-check (what a lent GPU machine runs, ``make gpu-check``).
+pass's own time against graph size), gpu-check (what a lent GPU machine runs, ``make gpu-check``) and
+gpu-codegen (the GPU twin: Inductor's CUDA code for each variant, compiled on this CPU, counted).
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ import torch
 from .core.zoo import ZOO_BY_NAME
 from .core.output import COLUMNS, plot, replaced, table
 from .core.runner import Runner, configure_compile, init_distributed, machine
-from .modes import blocks, ddp_splits, fpn_draws, gpu_check, pass_time, resnet, traffic_diff, zoo
+from .modes import blocks, ddp_splits, fpn_draws, gpu_check, gpu_codegen, pass_time, resnet, traffic_diff, zoo
 
 PROG = "python -m compile_affine.bench"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TABLES = {"resnet": resnet.run_resnet, "blocks": blocks.run_blocks, "layerscale": blocks.run_layerscale,
           "finetune": resnet.run_finetune, "zoo": zoo.run, "traffic": resnet.run_traffic}  # fmt: skip
 TOOLS = {"traffic-diff": traffic_diff, "ddp-splits": ddp_splits, "fpn-draws": fpn_draws, "pass-time": pass_time,
-         "gpu-check": gpu_check}  # fmt: skip
+         "gpu-check": gpu_check, "gpu-codegen": gpu_codegen}  # fmt: skip
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

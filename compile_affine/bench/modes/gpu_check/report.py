@@ -29,7 +29,8 @@ def device_facts() -> dict:
 COLUMNS = [("scenario", "scenario"), ("variant", "variant"), ("step_ms", "step ms"), ("fwd_ms", "fwd ms"),
            ("bwd_ms", "bwd ms"), ("ratio", "x first/none"), ("ratio_vs_stock_same_net", "x stock same net"),
            ("saved_mib", "saved MiB"), ("peak_mib", "step peak MiB"), ("compile_s", "compile s"),
-           ("traffic_mib", "moved MiB"), ("traffic_ratio", "moved x first/none"), ("pass_s", "pass s"),
+           ("traffic_mib", "moved MiB"), ("traffic_ratio", "moved x first/none"), ("twin_mib", "twin MiB"),
+           ("twin_ratio", "moved x twin"), ("pass_s", "pass s"),
            ("folds", "folds"), ("act_per_weight", "act/weight bytes"), ("auto_would_fold", "default folds"),
            *((f"{c} ms", f"{c} ms") for c in CLASSES)]  # fmt: skip
 

@@ -4,6 +4,8 @@ block shapes, each stopping at its deadline and saying what the deadline cut."""
 from __future__ import annotations
 
 import gc
+import json
+import pathlib
 import time
 
 import torch
@@ -12,7 +14,7 @@ from compile_affine import settings as ca_settings
 
 from ...core.measure import profile_step
 from ...core.models import NORMS, BlockShape, NormEval, resnet50, resnet50_finetune
-from ...core.output import BASELINE, row
+from ...core.output import BASELINE, ratio, row
 from ...core.runner import Runner, Variant
 from .plan import BLOCK_VARIANTS, FINETUNE_VARIANTS, RESNET_VARIANTS, Plan
 
@@ -67,9 +69,26 @@ def run_nets(plan: Plan, runner: Runner, deadline: float, finetune: bool = False
     notes = [cut]
     if cut and not any(v.name == BASELINE for v in ready):
         notes.append(f"'x first/none' is against {ready[0].name}: {BASELINE} was not compiled")
+    if twin := predicted(plan, "finetune" if finetune else "resnet"):
+        for r in rows:
+            if (b := twin["bytes"].get(r["variant"])) is not None:
+                r["twin_mib"], r["twin_ratio"] = round(b / 2**20, 1), ratio(r["traffic_bytes"], b)
+        notes.append(f"twin: the bytes the GPU twin predicted (`{twin['command']}`, torch {twin['torch']}, fake {twin['device']})")
     if not finetune:
         notes.append("conv sites by the cost rule's defaults: " + declined_by_default(conv_ratios(build("affine"), x)))
     return {"status": "partial" if cut else "ok", "rows": rows, "note": "; ".join(filter(None, notes))}
+
+
+def predicted(plan: Plan, section: str) -> dict | None:
+    """The GPU twin's byte counts for this section's nets (``gpu-codegen --predict``,
+    committed), where they were made at this plan's batch and resolution; else None."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "twin" / "predicted.json"
+    if plan.tiny_resnet or not path.exists():
+        return None
+    twin = json.loads(path.read_text())
+    if (twin["batch"], twin["res"]) != (plan.resnet_batch, plan.resnet_res) or section not in twin["bytes"]:
+        return None
+    return {**twin, "bytes": twin["bytes"][section]}
 
 
 def _cut(plan: Plan, variants: list[Variant], ready: list[Variant]) -> str | None:
