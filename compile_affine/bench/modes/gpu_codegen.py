@@ -13,6 +13,7 @@ landed in. A byte count of generated code, not a time: ``make gpu-check`` measur
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import re
@@ -223,6 +224,8 @@ def add_args(p) -> None:
                    help=f"comma-separated sections: {', '.join(SECTIONS)} (default: all but gpu-check)")
     p.add_argument("--models", help="zoo: comma-separated names (default: the zoo's default set)")
     p.add_argument("--min-activation-ratio", type=float, help="compile_affine's cost threshold (default: the plugin's)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="an Inductor config setting for every compile, e.g. split_reductions=False (repeatable)")
     p.add_argument("--sites", action="store_true", help="list the kernels each folded site's work landed in")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON (with every site's kernels)")
     p.add_argument("--predict", metavar="PATH", help="write the gpu-check section's bytes where make gpu-check reads "
@@ -242,9 +245,11 @@ def main(args, command: str) -> int:
         raise SystemExit(f"--only: unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     models = args.models.split(",") if args.models else [m.name for m in ZOO if m.default]
     settings = {} if args.min_activation_ratio is None else {"min_activation_ratio": args.min_activation_ratio}
+    patches = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.inductor)}
     rows = []
     for case in cases(only, args.res, models):
-        rows.append(run_case(case, args.batch, args.device, settings))
+        with torch._inductor.config.patch(patches):
+            rows.append(run_case(case, args.batch, args.device, settings))
         print(f"# {case.section}: {case.net}/{case.backend} compiled in {rows[-1]['compile_s']} s", flush=True)
     rows = with_ratios(rows)
     print(f"\n# {command}\n# fake {args.device}, batch {args.batch}, ResNet-50 at {args.res} px (zoo: each model's size), "
