@@ -199,7 +199,7 @@ class _Recorder:
                        for k, src in self.sources[first:]]  # fmt: skip
             extern = re.findall(r"\b((?:extern_kernels|aten|torch\.ops\.\w+)\.\w+(?:\.\w+)?)\(", wrapper)
             graph = Graph(name, kernels, extern, sum(g.bytes for g in self.traffic.graphs[counted:]), wrapper,
-                          traffic=[k for g in self.traffic.graphs[counted:] for k in g.kernels], calls=_calls(wrapper, gm))  # fmt: skip
+                          traffic=[k for g in self.traffic.graphs[counted:] for k in g.kernels], calls=_calls(wrapper, gm, self.origins))  # fmt: skip
             if name == "backward":  # what the forward saved: the inputs but the tangents, per storage
                 saved = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
                 storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in saved if isinstance(t, torch.Tensor)}
@@ -217,15 +217,23 @@ def _node_facts(o: Any) -> tuple:
     return (o.name, getattr(o.target, "__name__", str(o.target)), location(o), _module(o))
 
 
-def _calls(wrapper: str, gm: Any) -> list[tuple[str, list[tuple]]]:
+def _calls(wrapper: str, gm: Any, origins: dict[str, list]) -> list[tuple[str, list[tuple]]]:
     """Each ``triton_*.run(`` in the wrapper with the FX nodes of the ``# Topologically Sorted
-    Source Nodes: [...]`` comment Inductor writes before it."""
-    nodes, calls, sources = {n.name: n for n in gm.graph.nodes}, [], []
+    Source Nodes: [...]`` comment Inductor writes before it. Inductor leaves that comment empty
+    where no node carries ``original_aten`` (the pass's own ``W * s``); there the kernel's
+    origins stand in for the launch that defined it, and a repeat launch names no node."""
+    nodes, calls, sources = {n.name: n for n in gm.graph.nodes}, [], None
     for line in wrapper.splitlines():
         if m := _SOURCES.match(line):
-            sources = [nodes[n] for n in m.group(1).split(", ") if n in nodes]
+            sources = [nodes[n] for n in m.group(1).split(", ") if n in nodes] or None
         elif m := _LAUNCH.match(line):
-            calls.append((m.group(1), [_node_facts(o) for o in sources if o.op == "call_function" and o.target not in VIEW_OPS]))
+            kernel = m.group(1)
+            if sources is not None:
+                facts = [_node_facts(o) for o in sources if o.op == "call_function" and o.target not in VIEW_OPS]
+            else:  # a kernel's origins are its first launch's: a later one would be misnamed
+                facts = [] if any(k == kernel for k, _ in calls) else origins.get(kernel, [])
+            calls.append((kernel, facts))
+            sources = None
     return calls
 
 
