@@ -84,7 +84,7 @@ def cases(only: set[str], res: int, models: list[str]) -> list[Case]:
     return out
 
 
-def _compile(case: Case, batch: int, device: str, settings: dict):
+def _compile(case: Case, batch: int, device: str, settings: dict, training: bool = True):
     from ..twin.codegen import compile_step
 
     backend, options = case.backend, None
@@ -94,7 +94,7 @@ def _compile(case: Case, batch: int, device: str, settings: dict):
         options = {"compile_affine": settings}
     channels_last = case.section != "zoo" and "channels_last" in case.section
     return compile_step(case.build, lambda: torch.randn(batch, 3, case.res, case.res), backend, device=device,
-                        autocast_bf16=case.bf16, channels_last=channels_last, options=options)  # fmt: skip
+                        autocast_bf16=case.bf16, channels_last=channels_last, options=options, training=training)  # fmt: skip
 
 
 def _decisions(result) -> str:
@@ -121,9 +121,9 @@ def _decisions(result) -> str:
 _RATIO = re.compile(r"activation ([0-9.e+-]+)x the weight in bytes, under ([0-9.]+)")
 
 
-def run_case(case: Case, batch: int, device: str, settings: dict) -> dict:
+def run_case(case: Case, batch: int, device: str, settings: dict, training: bool = True) -> dict:
     t0 = time.perf_counter()
-    result = _compile(case, batch, device, settings)
+    result = _compile(case, batch, device, settings, training)
     kinds = result.count()
     graphs = {g.name: g for g in result.graphs}
     return {
@@ -226,6 +226,7 @@ def add_args(p) -> None:
     p.add_argument("--min-activation-ratio", type=float, help="compile_affine's cost threshold (default: the plugin's)")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="an Inductor config setting for every compile, e.g. split_reductions=False (repeatable)")
+    p.add_argument("--inference", action="store_true", help="compile the forward under no_grad (eval) instead of a training step")
     p.add_argument("--sites", action="store_true", help="list the kernels each folded site's work landed in")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON (with every site's kernels)")
     p.add_argument("--predict", metavar="PATH", help="write the gpu-check section's bytes where make gpu-check reads "
@@ -249,10 +250,11 @@ def main(args, command: str) -> int:
     rows = []
     for case in cases(only, args.res, models):
         with torch._inductor.config.patch(patches):
-            rows.append(run_case(case, args.batch, args.device, settings))
+            rows.append(run_case(case, args.batch, args.device, settings, not args.inference))
         print(f"# {case.section}: {case.net}/{case.backend} compiled in {rows[-1]['compile_s']} s", flush=True)
     rows = with_ratios(rows)
-    print(f"\n# {command}\n# fake {args.device}, batch {args.batch}, ResNet-50 at {args.res} px (zoo: each model's size), "
+    step = "inference" if args.inference else "training step"
+    print(f"\n# {command}\n# fake {args.device}, {step}, batch {args.batch}, ResNet-50 at {args.res} px (zoo: each model's size), "
           f"torch {torch.__version__}; compile-only: bytes Inductor counts, nothing timed")  # fmt: skip
     print(table(rows))
     print(misses(rows))

@@ -8,7 +8,7 @@
     r.bytes, r.saved_bytes   # Inductor's num_bytes_accessed, summed; bytes saved for backward
     r.sites                  # per plugin SiteRecord: the Triton kernels computing its nodes
 
-``compile_step(make_model, make_input, backend, *, device="h100" | "v100", training=True,
+``compile_step(make_model, make_input, backend, *, device="h100" | "h200" | "v100", training=True,
 dtype=torch.float32, autocast_bf16=False, channels_last=False, options=None)``: backend is
 ``"inductor"`` or ``"compile_affine"`` (``options`` go to ``torch.compile``, e.g.
 ``{"compile_affine": {"fold": "always"}}``). ``fake_gpu(device)`` is the context manager

@@ -1,5 +1,5 @@
 """``fake_gpu(device)``: the context manager under which torch and triton answer as one
-H100 or V100 at ``cuda:0`` while Inductor compiles, and the recorder it yields, which
+H100, H200 or V100 at ``cuda:0`` while Inductor compiles, and the recorder it yields, which
 keeps the Triton sources Inductor writes instead of compiling them (``Kernel`` and
 ``Graph`` are what it builds, so they live here too: ``codegen`` imports this module, never
 the reverse). Apart from ``compile_step`` because this is the only code that patches torch
@@ -274,7 +274,7 @@ def _with(context, fn, *args, **kwargs):
 @contextlib.contextmanager
 def fake_gpu(device: str = "h100") -> Iterator[_Recorder]:
     """Inside the block, while Inductor compiles, torch and triton answer as one ``device``
-    GPU (``h100`` or ``v100``) at ``cuda:0``; yields the recorder of what Inductor wrote.
+    GPU (``h100``, ``h200`` or ``v100``) at ``cuda:0``; yields the recorder of what Inductor wrote.
     Graphs are compiled afresh (caches off: a cache hit writes no kernels) and counted."""
     from torch._dynamo import device_interface
     from torch._inductor import async_compile, constant_folding
