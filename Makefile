@@ -43,7 +43,8 @@ $(MIN_STAMP): pyproject.toml constraints-min.txt $(TWIN_STAMP)
 	rm -f $(MIN_STAMP)
 	grep -rlI -e '$(abspath $(TWIN_VENV))' $(MIN_VENV)/bin $(MIN_VENV)/pyvenv.cfg \
 	  | xargs -r sed -i 's|$(abspath $(TWIN_VENV))|$(abspath $(MIN_VENV))|g'
-	$(MIN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-min.txt -e '.[test,bench]'
+	$(MIN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-min.txt -e '.[test,bench]' \
+	  'setuptools>=77'
 	touch $(MIN_STAMP)
 
 # Installs packages only, never this project: the checkout reaches Python through PYTHONPATH.

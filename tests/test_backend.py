@@ -241,3 +241,15 @@ def test_a_cpu_zero_d_scale_for_a_cuda_site_is_moved_to_the_site_device():
     assert s_c.meta["val"].device.type == "cuda" and tuple(s_c.meta["val"].shape) == (4,)
     assert any(n.target is torch.ops.aten._to_copy.default for n in graph.nodes)
     assert mode is not None
+
+
+def test_the_gpu_twins_seam_is_part_of_the_pass_uuid():
+    """A graph folded with GPU decisions for CPU values (``passes.target.decide_as``, the
+    GPU twin's bench/test-only seam) must never come back from the FX graph cache for a
+    real CPU compile, nor the other way round."""
+    from compile_affine.passes import target
+
+    p = AffineFoldPass(Settings())
+    with target.decide_as("cuda"):
+        inside = p.uuid()
+    assert inside != p.uuid() and target.override() is None

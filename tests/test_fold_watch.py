@@ -94,20 +94,21 @@ def test_seed_resnet50_fold_count_is_pinned():
     check("resnet50 x*w+b", {(2, 11): 53})
 
 
-# Two zoo models, each a form of its own: LayerScale (C,) after a linear, and torchvision's
-# FrozenBatchNorm2d (a scale computed from buffers) in a detection-style backbone.
-ZOO = {"deit3_small": {(2, 11): 2}, "resnet18_frozenbn": {(2, 11): 12}}
+# Two zoo models, each a form of its own: LayerScale (C,) after a linear (timm's), and
+# torchvision's FrozenBatchNorm2d (a scale computed from buffers) in a ResNet: (package, pins).
+ZOO = {"deit3_small": ("timm", {(2, 11): 2}), "resnet18_frozenbn": ("torchvision", {(2, 11): 12})}
 
 
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_fold_count_is_pinned(name):
-    pytest.importorskip("timm", reason="no timm/torchvision for this torch (none pairs with 2.15 yet)")
+    package, pins = ZOO[name]
+    pytest.importorskip(package, reason=f"no {package} for this torch (none pairs with 2.15 yet)")
     from compile_affine.bench.core import zoo
 
     entry = zoo.ZOO_BY_NAME[name]
     x = torch.randn(2, 3, entry.tiny_size, entry.tiny_size)
     train_step(entry.build(tiny=True), x, pass_backend(Settings(fold="always")))
-    check(name, ZOO[name])
+    check(name, pins)
 
 
 def test_a_pattern_that_stops_matching_is_red_and_named(monkeypatch):

@@ -139,12 +139,14 @@ def test_runner_deadline_cuts_variants_and_rounds():
 
 def test_the_twins_prediction_is_read_for_the_gpu_plan_only():
     """``make gpu-check`` prints the GPU twin's byte count (bench/twin/predicted.json, made
-    by ``gpu-codegen --predict``) beside what it measures, for the nets and sizes the twin
-    compiled: the GPU plan's, not the dry run's tiny stand-in."""
-    twin = gpu_sections.predicted(gpu_plan.GPU_PLAN, "resnet")
+    by ``gpu-codegen --predict``) beside what it measures, for the nets, dtype, layout and
+    sizes the twin compiled: the GPU plan's bf16 and eval-BN sections, not its fp32 ResNet
+    nor the dry run's tiny stand-in."""
+    twin = gpu_sections.predicted(gpu_plan.GPU_PLAN, "resnet bf16 channels_last")
     assert twin is not None and twin["device"] == "h200" and twin["torch"].startswith("2.11")
     variants = {f"{net}/{backend}" for net, backend in gpu_plan.RESNET_VARIANTS}
     assert set(twin["bytes"]) == variants and all(b > 0 for b in twin["bytes"].values())
-    assert set(gpu_sections.predicted(gpu_plan.GPU_PLAN, "finetune")["bytes"]) == {
+    assert set(gpu_sections.predicted(gpu_plan.GPU_PLAN, "finetune fp32 channels_last")["bytes"]) == {
         f"{net}/{backend}" for net, backend in gpu_plan.FINETUNE_VARIANTS}
-    assert gpu_sections.predicted(gpu_plan.DRY_PLAN, "resnet") is None
+    assert gpu_sections.predicted(gpu_plan.GPU_PLAN, "resnet fp32 channels_last") is None
+    assert gpu_sections.predicted(gpu_plan.DRY_PLAN, "resnet bf16 channels_last") is None

@@ -47,7 +47,7 @@ _CHECK = textwrap.dedent(
 
 
 def test_wheel_installs_and_compiles_by_name(tmp_path):
-    pytest.importorskip("setuptools")
+    pytest.importorskip("setuptools", minversion="77")  # pyproject's PEP 639 licence field
     # A copy of what the build reads, so the build's own files (build/, *.egg-info) land
     # outside the checkout.
     src = tmp_path / "src"

@@ -244,6 +244,8 @@ def main(args, command: str) -> int:
     unknown = only - set(SECTIONS)
     if unknown:
         raise SystemExit(f"--only: unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if args.predict and "gpu-check" not in only:
+        raise SystemExit("--predict writes the gpu-check section's counts: add gpu-check to --only")
     models = args.models.split(",") if args.models else [m.name for m in ZOO if m.default]
     settings = {} if args.min_activation_ratio is None else {"min_activation_ratio": args.min_activation_ratio}
     patches = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.inductor)}
@@ -267,7 +269,7 @@ def main(args, command: str) -> int:
         predicted = {"command": command, "torch": torch.__version__, "device": args.device, "batch": args.batch,
                      "res": args.res, "bytes": {}}  # fmt: skip
         for r in (r for r in rows if r["section"].startswith("gpu-check ")):
-            predicted["bytes"].setdefault(r["section"].split()[1], {})[r["variant"]] = r["bytes"]
+            predicted["bytes"].setdefault(r["section"].removeprefix("gpu-check "), {})[r["variant"]] = r["bytes"]
         with replaced(args.predict) as tmp:
             tmp.write_text(json.dumps(predicted, indent=1) + "\n")
     return 0

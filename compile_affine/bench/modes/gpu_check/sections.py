@@ -69,7 +69,8 @@ def run_nets(plan: Plan, runner: Runner, deadline: float, finetune: bool = False
     notes = [cut]
     if cut and not any(v.name == BASELINE for v in ready):
         notes.append(f"'x first/none' is against {ready[0].name}: {BASELINE} was not compiled")
-    if twin := predicted(plan, "finetune" if finetune else "resnet"):
+    bf16 = " bf16" if runner.dtype == torch.bfloat16 else " fp32"
+    if twin := predicted(plan, ("finetune" if finetune else "resnet") + bf16 + (" channels_last" if runner.channels_last else "")):
         for r in rows:
             if (b := twin["bytes"].get(r["variant"])) is not None:
                 r["twin_mib"], r["twin_ratio"] = round(b / 2**20, 1), ratio(r["traffic_bytes"], b)
@@ -80,8 +81,9 @@ def run_nets(plan: Plan, runner: Runner, deadline: float, finetune: bool = False
 
 
 def predicted(plan: Plan, section: str) -> dict | None:
-    """The GPU twin's byte counts for this section's nets (``gpu-codegen --predict``,
-    committed), where they were made at this plan's batch and resolution; else None."""
+    """The GPU twin's byte counts for ``section``'s nets (``"resnet bf16 channels_last"``:
+    net, dtype, layout; ``gpu-codegen --predict``, committed), where they were made at this
+    plan's batch and resolution; else None."""
     path = pathlib.Path(__file__).resolve().parents[2] / "twin" / "predicted.json"
     if plan.tiny_resnet or not path.exists():
         return None
