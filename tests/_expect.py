@@ -4,7 +4,7 @@ module skip, the module's other tests still run."""
 
 import unittest
 
-import torch
+from compile_affine._compat import TORCH_MINOR
 
 try:
     from expecttest import TestCase
@@ -15,9 +15,7 @@ except ImportError:
             self.skipTest("expecttest is not installed")
 
 
-_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-
-pinned_on_2_14 = unittest.skipIf(_TORCH < (2, 14), "graph text pinned on torch 2.14; older releases order or decompose these nodes differently")
+pinned_on_2_14 = unittest.skipIf(TORCH_MINOR < (2, 14), "graph text pinned on torch 2.14; older releases order or decompose these nodes differently")
 """For an expect-test whose pinned text only torch 2.14's graph matches (the rewrite is
 the same; the node order AOTAutograd gives the joint graph, or the decomposition, is not)."""
 

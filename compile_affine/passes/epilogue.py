@@ -93,8 +93,8 @@ def _reason(c: _Candidate) -> str | None:
     if any(not isinstance(v, torch.Tensor) for v in vals.values()):
         return "missing tensor metadata"
     y = vals["conv output"]
-    if target.device_type(y) != "cpu":
-        return f"{target.device_type(y)} tensors: the epilogue is left to Inductor"
+    if (device := target.device_type(y)) != "cpu":
+        return f"{device} tensors: the epilogue is left to Inductor"
     if transposed:
         return "transposed conv: no oneDNN post-op path"
     if y.dim() != 4:
